@@ -1,0 +1,86 @@
+"""Orbax checkpoints: params, optimizer state, step and the data iterator's position, saved async.
+
+Layout: <run_dir>/checkpoints/<step>/{params, optimizer, data, meta}. Orbax writes each step into a
+temporary directory and renames it when complete, so a run killed mid-save leaves the previous
+checkpoints intact and the half-written one is ignored.
+"""
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from tunix_core.errors import UserError
+
+ITEMS = ("params", "optimizer", "data", "meta")
+
+
+class Checkpointer:
+  """Saves and restores a run's train state and data iterator under config.checkpoint_dir."""
+
+  def __init__(self, config):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.max_num_checkpoints_to_keep,
+        enable_async_checkpointing=config.async_checkpointing,
+        create=True)
+    self._manager = ocp.CheckpointManager(os.path.abspath(config.checkpoint_dir), options=options,
+                                          item_names=ITEMS)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: dict[str, Any], data_iterator: grain.DatasetIterator, meta: dict) -> None:
+    """Starts saving (returns before the write finishes when async); waits for any earlier save first."""
+    self._manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]),
+        optimizer=ocp.args.StandardSave({"opt_state": state["opt_state"], "step": state["step"]}),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        meta=ocp.args.JsonSave(meta)))
+
+  def restore(self, step: int, abstract_state: dict[str, Any], data_iterator: grain.DatasetIterator
+              ) -> dict[str, Any]:
+    """Restores the state into `abstract_state`'s shapes and shardings and moves the iterator in place."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_state["params"]),
+        optimizer=ocp.args.StandardRestore(
+            {"opt_state": abstract_state["opt_state"], "step": abstract_state["step"]}),
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return {"params": restored.params, **restored.optimizer}
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def resolve_parameters_path(path: str) -> str:
+  """A run directory, its checkpoints/ directory or one step's directory -> that step's params item."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  if os.path.isdir(os.path.join(path, "params")):
+    return os.path.join(path, "params")
+  steps = [int(name) for name in os.listdir(path) if name.isdigit()] if os.path.isdir(path) else []
+  if not steps:
+    raise UserError(f"load_parameters_path={path}: no checkpoint found; expected a run directory, its "
+                    f"checkpoints/ directory or a step directory holding params/")
+  return os.path.join(path, str(max(steps)), "params")
+
+
+def load_parameters(path: str, abstract_params: Any) -> Any:
+  """Reads only the params of another run's checkpoint into `abstract_params`' shapes and shardings."""
+  item = resolve_parameters_path(path)
+  try:
+    return ocp.StandardCheckpointer().restore(item, abstract_params)
+  except (ValueError, KeyError) as e:
+    raise UserError(f"load_parameters_path={path}: its params do not match this model ({str(e).splitlines()[0]}); "
+                    f"use the same model settings as the run that wrote it") from None
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the target shardings: what orbax restores into."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

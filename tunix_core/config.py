@@ -1,0 +1,235 @@
+"""The one place that reads YAML and argv: layering, typing, validation, derived values, freezing.
+
+Layers, later winning: configs/base.yml <- configs/models/<model_name>.yml <- the YAML named on the
+command line <- key=value overrides. Every key must exist in base.yml; its default fixes its type.
+"""
+
+from collections.abc import Sequence
+import difflib
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import yaml
+
+from tunix_core import distributed, sharding
+from tunix_core.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+BASE_CONFIG = CONFIG_DIR / "base.yml"
+
+CHOICES = {
+    "mode": ("sft",),
+    "decoder_block": ("llama",),
+    "remat_policy": ("none", "full", "minimal", "save_qkv_proj", "save_out_proj", "save_dot_except_mlp"),
+    "attention": ("dot_product",),
+    "dtype": ("float32", "bfloat16", "float16"),
+    "weight_dtype": ("float32", "bfloat16"),
+    "dataset_type": ("jsonl", "parquet", "tfds"),
+    "long_examples": ("truncate", "drop"),
+    "opt_type": ("adamw", "adam", "sgd", "adafactor"),
+    "learning_rate_schedule": ("cosine", "linear", "constant"),
+}
+ACTIVATION_CHOICES = ("silu", "gelu", "gelu_tanh", "relu", "linear")
+POSITIVE = ("steps", "vocab_size", "base_emb_dim", "base_num_query_heads", "base_num_kv_heads", "head_dim",
+            "base_mlp_dim", "base_num_decoder_layers", "gradient_accumulation_steps", "checkpoint_period",
+            "max_num_checkpoints_to_keep", "log_period", "per_device_batch_size", "normalization_layer_epsilon",
+            "rope_max_timescale", "stack_trace_interval_seconds")
+NON_NEGATIVE = ("eval_interval", "loss_chunk_size", "sample_max_new_tokens", "learning_rate", "adam_eps",
+                "adam_weight_decay", "gradient_clipping_threshold", "init_weights_std", "seed")
+FRACTIONS = ("warmup_steps_fraction", "cosine_learning_rate_final_fraction", "adam_b1", "adam_b2")
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+  if not path.is_file():
+    raise UserError(f"{what} {path}: no such file")
+  try:
+    data = yaml.safe_load(path.read_text())
+  except yaml.YAMLError as e:
+    mark = getattr(e, "problem_mark", None)
+    where = f" line {mark.line + 1}" if mark else ""
+    raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+  if data is None:
+    return {}
+  if not isinstance(data, dict):
+    raise UserError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+  return data
+
+
+def _unknown_key(key: str, known: Sequence[str], source: str) -> UserError:
+  close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+  hint = f"; did you mean {', '.join(close)}?" if close else "; every key is listed in configs/base.yml"
+  return UserError(f"unknown config key {key!r} (from {source}){hint}")
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+  """Converts `value` to the type of base.yml's default, or raises a UserError naming key and type."""
+  from_text = isinstance(value, str)
+  try:
+    if isinstance(default, bool):
+      if isinstance(value, bool):
+        return value
+      if from_text and value.lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.lower() in TRUE_WORDS
+      raise ValueError
+    if isinstance(default, int):
+      if isinstance(value, bool):
+        raise ValueError
+      if isinstance(value, int):
+        return value
+      if from_text:
+        return int(value)
+      raise ValueError
+    if isinstance(default, float):
+      if isinstance(value, bool):
+        raise ValueError
+      return float(value)
+    if isinstance(default, list):
+      parsed = yaml.safe_load(value) if from_text else value
+      if not isinstance(parsed, list):
+        raise ValueError
+      return parsed
+    if isinstance(default, str):
+      if isinstance(value, (dict, list)):
+        raise ValueError
+      return str(value)
+  except (ValueError, TypeError, yaml.YAMLError):
+    pass
+  expected = {bool: "true or false", int: "an integer", float: "a number", list: "a list like [a, b]",
+              str: "a string"}[type(default)]
+  raise UserError(f"{key}={value!r} (from {source}): expected {expected}")
+
+
+def _parse_overrides(args: Sequence[str]) -> dict[str, str]:
+  overrides = {}
+  for arg in args:
+    key, sep, value = arg.partition("=")
+    if not sep or not key:
+      raise UserError(f"argument {arg!r}: expected key=value (a config file may only come first)")
+    overrides[key.strip()] = value
+  return overrides
+
+
+def layer(argv: Sequence[str]) -> dict[str, Any]:
+  """Merges base.yml, the model file, the named YAML and key=value overrides into one typed dict."""
+  args = list(argv)
+  named = Path(args.pop(0)) if args and "=" not in args[0] else BASE_CONFIG
+  overrides = _parse_overrides(args)
+  base = _read_yaml(BASE_CONFIG, "base config")
+  recipe = {} if named.resolve() == BASE_CONFIG else _read_yaml(named, "config file")
+  model_name = overrides.get("model_name", recipe.get("model_name", base["model_name"]))
+  model = {}
+  if model_name:
+    model_file = CONFIG_DIR / "models" / f"{model_name}.yml"
+    if not model_file.is_file():
+      available = sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yml"))
+      raise UserError(f"model_name={model_name!r}: no {model_file}; available: {', '.join(available) or 'none'}")
+    model = _read_yaml(model_file, "model config")
+
+  merged = dict(base)
+  for source, values in ((str(model_file) if model else "", model), (str(named), recipe), ("command line", overrides)):
+    for key, value in values.items():
+      if key not in base:
+        raise _unknown_key(key, list(base), source)
+      merged[key] = _coerce(key, value, base[key], source)
+  return merged
+
+
+def validate(cfg: dict[str, Any]) -> None:
+  """Checks values that do not depend on the devices; raises a UserError naming the key."""
+  for key, allowed in CHOICES.items():
+    if cfg[key] not in allowed:
+      raise UserError(f"{key}={cfg[key]!r}: expected one of {', '.join(allowed)}")
+  for key in POSITIVE:
+    if cfg[key] <= 0:
+      raise UserError(f"{key}={cfg[key]}: must be positive")
+  for key in NON_NEGATIVE:
+    if cfg[key] < 0:
+      raise UserError(f"{key}={cfg[key]}: must be >= 0")
+  for key in FRACTIONS:
+    if not 0.0 <= cfg[key] <= 1.0:
+      raise UserError(f"{key}={cfg[key]}: must be between 0 and 1")
+  acts = cfg["mlp_activations"]
+  if len(acts) != 2 or any(a not in ACTIVATION_CHOICES for a in acts):
+    raise UserError(f"mlp_activations={acts}: expected two of {', '.join(ACTIVATION_CHOICES)} (gate, up)")
+  if cfg["base_num_query_heads"] % cfg["base_num_kv_heads"]:
+    raise UserError(f"base_num_kv_heads={cfg['base_num_kv_heads']} must divide "
+                    f"base_num_query_heads={cfg['base_num_query_heads']}")
+  if cfg["head_dim"] % 2:
+    raise UserError(f"head_dim={cfg['head_dim']}: rotary embeddings need an even head_dim")
+  if cfg["max_target_length"] < 2:
+    raise UserError(f"max_target_length={cfg['max_target_length']}: must be at least 2")
+  if cfg["eval_steps"] == 0 or cfg["eval_steps"] < -1:
+    raise UserError(f"eval_steps={cfg['eval_steps']}: expected a positive number of batches, or -1 for all")
+  if not cfg["run_name"] or "/" in cfg["run_name"]:
+    raise UserError(f"run_name={cfg['run_name']!r}: expected a non-empty name without '/'")
+  if cfg["dataset_type"] == "tfds" and not cfg["dataset_name"]:
+    raise UserError("dataset_type=tfds needs dataset_name=<tfds name>")
+  sharding.logical_rules(ml_collections.ConfigDict({"logical_axis_rules": cfg["logical_axis_rules"]}))
+
+
+def derive(cfg: dict[str, Any], num_devices: int, num_processes: int, process_index: int,
+           num_slices: int = 1) -> dict[str, Any]:
+  """Adds values computed from the config and the devices: resolved mesh, batch sizes, run paths."""
+  cfg = dict(cfg)
+  resolved = sharding.resolve_parallelism(cfg, num_devices, num_slices)
+  for group, sizes in resolved.items():
+    for axis, size in sizes.items():
+      cfg[f"{group}_{axis}_parallelism"] = size
+  mesh_size = {a: resolved["ici"][a] * resolved["dcn"][a] for a in sharding.MESH_AXES}
+  rules = dict(sharding.logical_rules(ml_collections.ConfigDict({"logical_axis_rules": cfg["logical_axis_rules"]})))
+
+  def axes_size(logical: str) -> int:
+    axes = rules.get(logical)
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    return math.prod(mesh_size[a] for a in axes)
+
+  micro = cfg["per_device_batch_size"] * num_devices
+  if abs(micro - round(micro)) > 1e-9 or round(micro) < 1:
+    raise UserError(f"per_device_batch_size={cfg['per_device_batch_size']} x {num_devices} devices = {micro} rows: "
+                    f"the batch must be a whole number of rows; change per_device_batch_size")
+  micro = int(round(micro))
+  batch_shards = axes_size("activation_batch")
+  if micro % batch_shards or micro % num_processes:
+    raise UserError(f"per_device_batch_size={cfg['per_device_batch_size']} gives {micro} rows per micro-batch, "
+                    f"which does not divide over {batch_shards} batch shards (data x fsdp) and {num_processes} "
+                    f"processes; choose per_device_batch_size so that it does")
+  length_shards = axes_size("activation_length")
+  if cfg["max_target_length"] % length_shards:
+    raise UserError(f"max_target_length={cfg['max_target_length']} must be divisible by the sequence "
+                    f"parallelism ({length_shards})")
+  run_dir = os.path.join(cfg["base_output_directory"], cfg["run_name"])
+  cfg.update(
+      num_devices=num_devices, num_processes=num_processes, process_index=process_index,
+      micro_batch_size=micro, global_batch_size=micro * cfg["gradient_accumulation_steps"],
+      process_batch_size=micro * cfg["gradient_accumulation_steps"] // num_processes,
+      eval_batch_size=micro // num_processes, warmup_steps=int(cfg["warmup_steps_fraction"] * cfg["steps"]),
+      run_dir=run_dir, checkpoint_dir=os.path.join(run_dir, "checkpoints"),
+      tensorboard_dir=os.path.join(run_dir, "tensorboard"), metrics_file=os.path.join(run_dir, "metrics.jsonl"))
+  return cfg
+
+
+def load(argv: Sequence[str], *, initialize_distributed: bool = True) -> ml_collections.FrozenConfigDict:
+  """argv (without the program name) -> the frozen, validated config with derived values.
+
+  Starts multi-process JAX first when the environment or config asks for it, since the device count
+  that derived values need is only known afterwards.
+  """
+  cfg = layer(argv)
+  validate(cfg)
+  if initialize_distributed:
+    distributed.initialize(cfg["coordinator_address"], cfg["num_processes"], cfg["process_id"])
+  import jax  # pylint: disable=import-outside-toplevel
+  devices = jax.devices()
+  cfg = derive(cfg, len(devices), jax.process_count(), jax.process_index(), sharding.num_slices(devices))
+  return ml_collections.FrozenConfigDict(cfg)
+
+
+def to_yaml(config: ml_collections.FrozenConfigDict) -> str:
+  """The config as YAML (lists as lists), for the copy kept in the run directory."""
+  def plain(value):
+    return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+  return yaml.safe_dump({k: plain(v) for k, v in config.items()}, sort_keys=False, width=120)

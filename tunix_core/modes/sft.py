@@ -1,0 +1,16 @@
+"""Supervised fine-tuning: next-token cross-entropy on the loss-masked (completion) tokens."""
+
+import jax
+import jax.numpy as jnp
+
+from tunix_core import losses
+from tunix_core.modes.base import LossOutput
+
+
+def loss(model, batch: dict[str, jax.Array], config) -> LossOutput:
+  """Summed token cross-entropy; the train step divides by the total loss tokens of the whole step."""
+  hidden = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+  log_probs = losses.token_log_probs(model.logits, hidden, batch["targets"], config.loss_chunk_size)
+  mask = batch["loss_mask"]
+  return LossOutput(loss_sum=-losses.masked_sum(log_probs, mask), weight=jnp.sum(mask.astype(jnp.float32)),
+                    metrics={})

@@ -1,0 +1,274 @@
+"""THE training loop: `python3 -m tunix_core.train configs/base.yml [key=value ...]`.
+
+config -> mesh -> model + optimizer state (created in their shardings, or restored) -> data -> one
+jitted train_step shared by every mode -> metrics (fetched one step late), eval, async checkpoints.
+"""
+
+from collections.abc import Callable
+import os
+import sys
+import time
+from typing import Any
+
+from absl import app
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tunix_core import checkpoint, config as config_lib, distributed, metrics as metrics_lib, models, optimizers
+from tunix_core import sharding
+from tunix_core.data import pipeline, tokenizer as tokenizer_lib
+from tunix_core.errors import UserError
+from tunix_core.generate import sampler
+from tunix_core.modes import MODES
+
+TrainState = dict[str, Any]  # {"params": pure dict, "opt_state": optax state, "step": int32 scalar}
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def state_shardings(abstract_params, param_shardings, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+  """Shardings of the whole train state: optimizer moments follow their params, the rest is replicated."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                        transform_non_params=lambda _: replicated)
+  return {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+
+
+def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigDict,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule, shardings: TrainState,
+                    batch_sharding: NamedSharding) -> Callable:
+  """The one jitted step: micro-batches by lax.scan, loss normalised over the whole step, clip, update.
+
+  batch arrays are [gradient_accumulation_steps, micro_batch, length]. The state is donated.
+  """
+  mode = MODES[config.mode]
+
+  def micro_loss(params, micro_batch):
+    out = mode.loss(nnx.merge(graphdef, params), micro_batch, config)
+    return out.loss_sum, out
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    params = state["params"]
+    first = jax.tree.map(lambda x: x[0], batch)
+    metric_shapes = jax.eval_shape(micro_loss, params, first)[1].metrics
+    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.float32(0), jnp.float32(0),
+             jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.float32), metric_shapes))
+    zeros = (jax.lax.with_sharding_constraint(zeros[0], shardings["params"]), *zeros[1:])
+
+    def accumulate(carry, micro_batch):
+      grads, loss_sum, weight, extra = carry
+      (micro_sum, out), micro_grads = grad_fn(params, micro_batch)
+      grads = jax.tree.map(lambda g, mg: g + mg.astype(jnp.float32), grads, micro_grads)
+      extra = jax.tree.map(lambda e, m: e + m.astype(jnp.float32), extra, out.metrics)
+      return (grads, loss_sum + micro_sum, weight + out.weight, extra), None
+
+    (grads, loss_sum, weight, extra), _ = jax.lax.scan(accumulate, zeros, batch)
+    denominator = jnp.where(weight > 0, weight, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, params)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+    step_metrics = {"loss": loss_sum / denominator, "grad_norm": optax.global_norm(grads),
+                    "learning_rate": schedule(state["step"]), "loss_tokens": weight,
+                    **{k: v / denominator for k, v in extra.items()}}
+    return new_state, step_metrics
+
+  replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+  return jax.jit(train_step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
+                 donate_argnums=(0,))
+
+
+def make_eval_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigDict, param_shardings,
+                   batch_sharding: NamedSharding) -> Callable:
+  """Jitted (loss_sum, weight) of the mode's loss on one [micro_batch, length] batch."""
+  mode = MODES[config.mode]
+
+  def eval_step(params, batch):
+    out = mode.loss(nnx.merge(graphdef, params), batch, config)
+    return out.loss_sum, out.weight
+
+  return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding))
+
+
+def to_device_batch(local: dict[str, np.ndarray], config, sharding_: NamedSharding, accumulate: bool
+                    ) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays; training batches get a leading micro-batch axis."""
+  local = {k: local[k] for k in BATCH_KEYS}
+  if accumulate:
+    local = {k: v.reshape(config.gradient_accumulation_steps, -1, v.shape[-1]) for k, v in local.items()}
+  return distributed.global_batch(local, sharding_, config.micro_batch_size)
+
+
+def evaluate(eval_step: Callable, params, batches: list[dict[str, jax.Array]]) -> float:
+  """Token-weighted eval loss over the given batches (one host sync at the end)."""
+  totals = [eval_step(params, batch) for batch in batches]
+  loss_sum, weight = jax.device_get((sum(t[0] for t in totals), sum(t[1] for t in totals)))
+  return float(loss_sum / max(weight, 1.0))
+
+
+def train(config: ml_collections.FrozenConfigDict) -> dict[str, Any]:
+  """Runs (or resumes) the configured training; returns a summary (final losses, paths, sample)."""
+  is_primary = config.process_index == 0
+  mesh = sharding.build_mesh(config)
+  rules = sharding.logical_rules(config)
+  tokenizer = tokenizer_lib.load_tokenizer(config.tokenizer_path)
+  if tokenizer.vocab_size > config.vocab_size:
+    raise UserError(f"tokenizer_path={config.tokenizer_path} has {tokenizer.vocab_size} tokens but "
+                    f"vocab_size={config.vocab_size}; set vocab_size >= {tokenizer.vocab_size}")
+  train_iterator = pipeline.make_train_iterator(config, tokenizer)
+  eval_host_batches = pipeline.make_eval_batches(config, tokenizer)
+
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    model_config = models.ModelConfig.from_config(config)
+    graphdef, abstract_state = models.abstract_model(model_config)
+    abstract_params = nnx.to_pure_dict(abstract_state)
+    param_shardings = models.param_shardings(abstract_state, mesh)
+    schedule = optimizers.learning_rate_schedule(config)
+    tx = optimizers.build_optimizer(config)
+    shardings = state_shardings(abstract_params, param_shardings, tx, mesh)
+    train_batch_sharding = sharding.batch_sharding(mesh, rules, leading_axes=1)
+    eval_batch_sharding = sharding.batch_sharding(mesh, rules)
+
+    def new_state(params):
+      return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    checkpointer = checkpoint.Checkpointer(config) if config.enable_checkpointing else None
+    try:
+      latest = checkpointer.latest_step() if checkpointer else None
+      if latest is not None:
+        abstract_train_state = checkpoint.abstract_with_shardings(jax.eval_shape(new_state, abstract_params),
+                                                                  shardings)
+        state = checkpointer.restore(latest, abstract_train_state, train_iterator)
+        if is_primary:
+          print(f"resuming {config.run_dir} from step {latest}", flush=True)
+      else:
+        if config.load_parameters_path:
+          params = checkpoint.load_parameters(
+              config.load_parameters_path, checkpoint.abstract_with_shardings(abstract_params, param_shardings))
+        else:
+          params = models.init_params(model_config, config.seed, param_shardings)
+        state = jax.jit(new_state, out_shardings=shardings, donate_argnums=(0,))(params)
+      return _loop(config, state, graphdef, tx, schedule, shardings, train_batch_sharding, eval_batch_sharding,
+                   train_iterator, eval_host_batches, tokenizer, checkpointer, abstract_params, is_primary)
+    finally:
+      if checkpointer:
+        checkpointer.close()
+
+
+def _loop(config, state, graphdef, tx, schedule, shardings, train_batch_sharding, eval_batch_sharding,
+          train_iterator, eval_host_batches, tokenizer, checkpointer, abstract_params, is_primary) -> dict[str, Any]:
+  """Steps from the state's step to config.steps; see `train`."""
+  train_step = make_train_step(graphdef, config, tx, schedule, shardings, train_batch_sharding)
+  eval_step = make_eval_step(graphdef, config, shardings["params"], eval_batch_sharding)
+  eval_batches = [to_device_batch(b, config, eval_batch_sharding, accumulate=False) for b in eval_host_batches]
+  start_step = int(jax.device_get(state["step"]))
+  n_params = models.num_params(abstract_params)
+  flops_per_token = metrics_lib.training_flops_per_token(
+      num_params=n_params, num_layers=config.base_num_decoder_layers, num_heads=config.base_num_query_heads,
+      head_dim=config.head_dim, seq_len=config.max_target_length,
+      num_embedding_params=0 if config.logits_via_embedding else config.vocab_size * config.base_emb_dim)
+  peak = metrics_lib.device_peak_flops(jax.devices()[0])
+  tokens_per_step = config.global_batch_size * config.max_target_length
+  if is_primary:
+    os.makedirs(config.run_dir, exist_ok=True)
+    with open(os.path.join(config.run_dir, "config.yml"), "w") as f:
+      f.write(config_lib.to_yaml(config))
+    print(f"{config.mode}: {n_params:,} parameters, {config.num_devices} device(s), mesh "
+          f"{dict(zip(sharding.MESH_AXES, (config[f'ici_{a}_parallelism'] * config[f'dcn_{a}_parallelism'] for a in sharding.MESH_AXES)))}, "
+          f"global batch {config.global_batch_size} x {config.max_target_length} tokens", flush=True)
+
+  summary: dict[str, Any] = {"run_dir": config.run_dir, "start_step": start_step}
+  writer = metrics_lib.MetricsWriter(config.run_dir, enable_tensorboard=config.enable_tensorboard,
+                                     total_steps=config.steps, is_primary=is_primary)
+  with writer:
+    pending = None  # (step, device metrics) of the last step, fetched after the next one is dispatched
+    last_time, last_logged = time.perf_counter(), start_step
+
+    def flush(step: int, device_metrics) -> None:
+      nonlocal last_time, last_logged
+      host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+      now = time.perf_counter()
+      step_time = (now - last_time) / max(step - last_logged, 1)
+      last_time, last_logged = now, step
+      host.update(step_time=step_time, tokens_per_sec=tokens_per_step / step_time,
+                  **{f"data/{k}": v for k, v in pipeline.data_stats(train_iterator).items()})
+      utilisation = metrics_lib.mfu(host["tokens_per_sec"] / config.num_devices, flops_per_token, peak)
+      if utilisation is not None:
+        host["mfu"] = utilisation
+      writer.write(step, host)
+      summary["loss"] = host["loss"]
+
+    for step in range(start_step + 1, config.steps + 1):
+      batch = to_device_batch(next(train_iterator), config, train_batch_sharding, accumulate=True)
+      state, step_metrics = train_step(state, batch)
+      if pending is not None:
+        flush(*pending)
+        pending = None
+      if step % config.log_period == 0 or step == config.steps:
+        pending = (step, step_metrics)
+      writer.advance(step)
+      if eval_batches and ((config.eval_interval and step % config.eval_interval == 0) or step == config.steps):
+        if pending is not None:
+          flush(*pending)
+          pending = None
+        summary["eval_loss"] = evaluate(eval_step, state["params"], eval_batches)
+        writer.write(step, {"eval/loss": summary["eval_loss"]})
+      if checkpointer and (step % config.checkpoint_period == 0 or step == config.steps):
+        checkpointer.save(step, state, train_iterator, {"step": step, "run_name": config.run_name})
+    if pending is not None:
+      flush(*pending)
+
+  summary["steps"] = int(jax.device_get(state["step"]))
+  summary["sample"] = _sample(config, graphdef, state["params"], tokenizer, eval_host_batches) \
+      if config.sample_max_new_tokens else None
+  return summary
+
+
+def _sample(config, graphdef, params, tokenizer, eval_host_batches) -> dict[str, str]:
+  """Greedy completion of the first eval prompt (or a training prompt when there is no eval set)."""
+  prompt = pipeline.sample_prompt(config)
+  ids = pipeline.prompt_ids(config, tokenizer, prompt)
+  completion = sampler.greedy_generate(graphdef, params, ids, config.sample_max_new_tokens, tokenizer.eos_id)
+  return {"prompt": prompt, "completion": tokenizer.decode(completion)}
+
+
+def run(argv: list[str]) -> dict[str, Any]:
+  """Loads the config from argv (without the program name), trains, and prints where everything is."""
+  config = config_lib.load(argv)
+  from cloud_tpu_diagnostics import diagnostic  # pylint: disable=import-outside-toplevel
+  from cloud_tpu_diagnostics.configuration import diagnostic_configuration, stack_trace_configuration  # pylint: disable=import-outside-toplevel
+  diagnostics = diagnostic_configuration.DiagnosticConfig(
+      stack_trace_config=stack_trace_configuration.StackTraceConfig(
+          collect_stack_trace=config.collect_stack_trace, stack_trace_to_cloud=config.stack_trace_to_cloud,
+          stack_trace_interval_seconds=config.stack_trace_interval_seconds))
+  with diagnostic.diagnose(diagnostics):
+    summary = train(config)
+  if config.process_index == 0:
+    print(f"\nrun directory: {config.run_dir}")
+    if config.enable_checkpointing:
+      print(f"checkpoints:   {config.checkpoint_dir}")
+    print(f"metrics:       {config.metrics_file}")
+    if config.enable_tensorboard:
+      print(f"tensorboard:   tensorboard --logdir {config.tensorboard_dir}")
+    if summary.get("sample"):
+      print(f"sample prompt:     {summary['sample']['prompt']!r}")
+      print(f"sample completion: {summary['sample']['completion']!r}")
+  return summary
+
+
+def main(argv: list[str]) -> None:
+  try:
+    run(list(argv[1:]))
+  except UserError as e:
+    print(f"tunix_core: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
