@@ -4,13 +4,14 @@ config -> mesh -> model + optimizer state (created in their shardings, or restor
 jitted train_step shared by every mode -> metrics (fetched one step late), eval, async checkpoints.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+import contextlib
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
-from absl import app
+from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -112,63 +113,96 @@ def evaluate(eval_step: Callable, params, batches: list[dict[str, jax.Array]]) -
   return float(loss_sum / max(weight, 1.0))
 
 
-def train(config: ml_collections.FrozenConfigDict) -> dict[str, Any]:
-  """Runs (or resumes) the configured training; returns a summary (final losses, paths, sample)."""
-  is_primary = config.process_index == 0
+class Setup(NamedTuple):
+  """What a run is built from: the mesh, the model graph, the optimizer and the jitted steps."""
+  mesh: Mesh
+  rules: tuple
+  model_config: models.ModelConfig
+  graphdef: nnx.GraphDef
+  abstract_params: Any
+  shardings: TrainState
+  tx: optax.GradientTransformation
+  train_step: Callable
+  eval_step: Callable
+  train_batch_sharding: NamedSharding
+  eval_batch_sharding: NamedSharding
+
+  @contextlib.contextmanager
+  def activate(self) -> Iterator[None]:
+    """The mesh and logical-axis rules that the steps are traced and run under."""
+    with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+      yield
+
+  def new_state(self, params) -> TrainState:
+    return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  def initial_state(self, config, checkpointer: checkpoint.Checkpointer | None, train_iterator) -> TrainState:
+    """Resumes the run's latest checkpoint (moving the iterator too), else loads or initialises params."""
+    latest = checkpointer.latest_step() if checkpointer else None
+    if latest is not None:
+      abstract = checkpoint.abstract_with_shardings(jax.eval_shape(self.new_state, self.abstract_params),
+                                                    self.shardings)
+      if config.process_index == 0:
+        print(f"resuming {config.run_dir} from step {latest}", flush=True)
+      return checkpointer.restore(latest, abstract, train_iterator)
+    if config.load_parameters_path:
+      params = checkpoint.load_parameters(
+          config.load_parameters_path,
+          checkpoint.abstract_with_shardings(self.abstract_params, self.shardings["params"]))
+    else:
+      params = models.init_params(self.model_config, config.seed, self.shardings["params"])
+    return jax.jit(self.new_state, out_shardings=self.shardings, donate_argnums=(0,))(params)
+
+
+def build(config: ml_collections.FrozenConfigDict) -> Setup:
+  """Mesh, abstract model, shardings, optimizer and the jitted steps (traced on first call, in `activate()`)."""
   mesh = sharding.build_mesh(config)
   rules = sharding.logical_rules(config)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    model_config = models.ModelConfig.from_config(config)
+    graphdef, abstract_state = models.abstract_model(model_config)
+    abstract_params = nnx.to_pure_dict(abstract_state)
+    param_shardings = models.param_shardings(abstract_state, mesh)
+  tx = optimizers.build_optimizer(config)
+  shardings = state_shardings(abstract_params, param_shardings, tx, mesh)
+  train_batch_sharding = sharding.batch_sharding(mesh, rules, leading_axes=1)
+  eval_batch_sharding = sharding.batch_sharding(mesh, rules)
+  return Setup(
+      mesh=mesh, rules=rules, model_config=model_config, graphdef=graphdef, abstract_params=abstract_params,
+      shardings=shardings, tx=tx,
+      train_step=make_train_step(graphdef, config, tx, optimizers.learning_rate_schedule(config), shardings,
+                                 train_batch_sharding),
+      eval_step=make_eval_step(graphdef, config, param_shardings, eval_batch_sharding),
+      train_batch_sharding=train_batch_sharding, eval_batch_sharding=eval_batch_sharding)
+
+
+def train(config: ml_collections.FrozenConfigDict) -> dict[str, Any]:
+  """Runs (or resumes) the configured training; returns a summary (final losses, paths, sample)."""
   tokenizer = tokenizer_lib.load_tokenizer(config.tokenizer_path)
   if tokenizer.vocab_size > config.vocab_size:
     raise UserError(f"tokenizer_path={config.tokenizer_path} has {tokenizer.vocab_size} tokens but "
                     f"vocab_size={config.vocab_size}; set vocab_size >= {tokenizer.vocab_size}")
   train_iterator = pipeline.make_train_iterator(config, tokenizer)
   eval_host_batches = pipeline.make_eval_batches(config, tokenizer)
-
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    model_config = models.ModelConfig.from_config(config)
-    graphdef, abstract_state = models.abstract_model(model_config)
-    abstract_params = nnx.to_pure_dict(abstract_state)
-    param_shardings = models.param_shardings(abstract_state, mesh)
-    schedule = optimizers.learning_rate_schedule(config)
-    tx = optimizers.build_optimizer(config)
-    shardings = state_shardings(abstract_params, param_shardings, tx, mesh)
-    train_batch_sharding = sharding.batch_sharding(mesh, rules, leading_axes=1)
-    eval_batch_sharding = sharding.batch_sharding(mesh, rules)
-
-    def new_state(params):
-      return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
+  setup = build(config)
+  with setup.activate():
     checkpointer = checkpoint.Checkpointer(config) if config.enable_checkpointing else None
     try:
-      latest = checkpointer.latest_step() if checkpointer else None
-      if latest is not None:
-        abstract_train_state = checkpoint.abstract_with_shardings(jax.eval_shape(new_state, abstract_params),
-                                                                  shardings)
-        state = checkpointer.restore(latest, abstract_train_state, train_iterator)
-        if is_primary:
-          print(f"resuming {config.run_dir} from step {latest}", flush=True)
-      else:
-        if config.load_parameters_path:
-          params = checkpoint.load_parameters(
-              config.load_parameters_path, checkpoint.abstract_with_shardings(abstract_params, param_shardings))
-        else:
-          params = models.init_params(model_config, config.seed, param_shardings)
-        state = jax.jit(new_state, out_shardings=shardings, donate_argnums=(0,))(params)
-      return _loop(config, state, graphdef, tx, schedule, shardings, train_batch_sharding, eval_batch_sharding,
-                   train_iterator, eval_host_batches, tokenizer, checkpointer, abstract_params, is_primary)
+      state = setup.initial_state(config, checkpointer, train_iterator)
+      return _loop(config, setup, state, train_iterator, eval_host_batches, tokenizer, checkpointer)
     finally:
       if checkpointer:
         checkpointer.close()
 
 
-def _loop(config, state, graphdef, tx, schedule, shardings, train_batch_sharding, eval_batch_sharding,
-          train_iterator, eval_host_batches, tokenizer, checkpointer, abstract_params, is_primary) -> dict[str, Any]:
+def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_batches, tokenizer,
+          checkpointer: checkpoint.Checkpointer | None) -> dict[str, Any]:
   """Steps from the state's step to config.steps; see `train`."""
-  train_step = make_train_step(graphdef, config, tx, schedule, shardings, train_batch_sharding)
-  eval_step = make_eval_step(graphdef, config, shardings["params"], eval_batch_sharding)
-  eval_batches = [to_device_batch(b, config, eval_batch_sharding, accumulate=False) for b in eval_host_batches]
+  is_primary = config.process_index == 0
+  eval_batches = [to_device_batch(b, config, setup.eval_batch_sharding, accumulate=False)
+                  for b in eval_host_batches]
   start_step = int(jax.device_get(state["step"]))
-  n_params = models.num_params(abstract_params)
+  n_params = models.num_params(setup.abstract_params)
   flops_per_token = metrics_lib.training_flops_per_token(
       num_params=n_params, num_layers=config.base_num_decoder_layers, num_heads=config.base_num_query_heads,
       head_dim=config.head_dim, seq_len=config.max_target_length,
@@ -205,8 +239,8 @@ def _loop(config, state, graphdef, tx, schedule, shardings, train_batch_sharding
       summary["loss"] = host["loss"]
 
     for step in range(start_step + 1, config.steps + 1):
-      batch = to_device_batch(next(train_iterator), config, train_batch_sharding, accumulate=True)
-      state, step_metrics = train_step(state, batch)
+      batch = to_device_batch(next(train_iterator), config, setup.train_batch_sharding, accumulate=True)
+      state, step_metrics = setup.train_step(state, batch)
       if pending is not None:
         flush(*pending)
         pending = None
@@ -217,7 +251,7 @@ def _loop(config, state, graphdef, tx, schedule, shardings, train_batch_sharding
         if pending is not None:
           flush(*pending)
           pending = None
-        summary["eval_loss"] = evaluate(eval_step, state["params"], eval_batches)
+        summary["eval_loss"] = evaluate(setup.eval_step, state["params"], eval_batches)
         writer.write(step, {"eval/loss": summary["eval_loss"]})
       if checkpointer and (step % config.checkpoint_period == 0 or step == config.steps):
         checkpointer.save(step, state, train_iterator, {"step": step, "run_name": config.run_name})
@@ -225,12 +259,12 @@ def _loop(config, state, graphdef, tx, schedule, shardings, train_batch_sharding
       flush(*pending)
 
   summary["steps"] = int(jax.device_get(state["step"]))
-  summary["sample"] = _sample(config, graphdef, state["params"], tokenizer, eval_host_batches) \
+  summary["sample"] = _sample(config, setup.graphdef, state["params"], tokenizer) \
       if config.sample_max_new_tokens else None
   return summary
 
 
-def _sample(config, graphdef, params, tokenizer, eval_host_batches) -> dict[str, str]:
+def _sample(config, graphdef, params, tokenizer) -> dict[str, str]:
   """Greedy completion of the first eval prompt (or a training prompt when there is no eval set)."""
   prompt = pipeline.sample_prompt(config)
   ids = pipeline.prompt_ids(config, tokenizer, prompt)
@@ -242,11 +276,11 @@ def run(argv: list[str]) -> dict[str, Any]:
   """Loads the config from argv (without the program name), trains, and prints where everything is."""
   config = config_lib.load(argv)
   from cloud_tpu_diagnostics import diagnostic  # pylint: disable=import-outside-toplevel
-  from cloud_tpu_diagnostics.configuration import diagnostic_configuration, stack_trace_configuration  # pylint: disable=import-outside-toplevel
-  diagnostics = diagnostic_configuration.DiagnosticConfig(
+  from cloud_tpu_diagnostics.configuration import debug_configuration, diagnostic_configuration, stack_trace_configuration  # pylint: disable=import-outside-toplevel
+  diagnostics = diagnostic_configuration.DiagnosticConfig(debug_config=debug_configuration.DebugConfig(
       stack_trace_config=stack_trace_configuration.StackTraceConfig(
           collect_stack_trace=config.collect_stack_trace, stack_trace_to_cloud=config.stack_trace_to_cloud,
-          stack_trace_interval_seconds=config.stack_trace_interval_seconds))
+          stack_trace_interval_seconds=config.stack_trace_interval_seconds)))
   with diagnostic.diagnose(diagnostics):
     summary = train(config)
   if config.process_index == 0:
@@ -263,6 +297,9 @@ def run(argv: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and grain log every file operation at INFO; show warnings unless --verbosity asks for more.
+    logging.set_verbosity(logging.WARNING)
   try:
     run(list(argv[1:]))
   except UserError as e:
