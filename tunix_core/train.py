@@ -75,7 +75,7 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigD
     grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, params)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
-    step_metrics = {"loss": loss_sum / denominator, "grad_norm": optax.global_norm(grads),
+    step_metrics = {"loss": loss_sum / denominator, "grad_norm": optax.tree.norm(grads),
                     "learning_rate": schedule(state["step"]), "loss_tokens": weight,
                     **{k: v / denominator for k, v in extra.items()}}
     return new_state, step_metrics
