@@ -24,7 +24,7 @@ def test_two_processes_match_one(tmp_path):
   # Without packing each example is one row, so both layouts see the same global batch row for row.
   args = [f"base_output_directory={tmp_path}", "steps=4", "per_device_batch_size=1", "max_target_length=64",
           "packing=false", "log_period=1", "eval_dataset_path=", "enable_checkpointing=false",
-          "sample_max_new_tokens=0", "enable_tensorboard=false"]
+          "sample_max_new_tokens=3", "enable_tensorboard=false"]
   address = f"127.0.0.1:{_free_port()}"
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   procs = [subprocess.Popen([sys.executable, "-m", "tunix_core.train", "configs/base.yml", *args, "run_name=two",
@@ -34,7 +34,7 @@ def test_two_processes_match_one(tmp_path):
   outputs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
-  assert "8 device(s)" in outputs[0][0]
+  assert "8 device(s)" in outputs[0][0] and "sample completion:" in outputs[0][0]
 
   train.run(["configs/base.yml", *args, "run_name=one"])
   one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")

@@ -12,6 +12,9 @@ import time
 from typing import Any, NamedTuple
 
 from absl import app, flags, logging
+from cloud_tpu_diagnostics import diagnostic
+from cloud_tpu_diagnostics.configuration import debug_configuration, diagnostic_configuration
+from cloud_tpu_diagnostics.configuration import stack_trace_configuration
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -104,6 +107,14 @@ def to_device_batch(local: dict[str, np.ndarray], config, sharding_: NamedShardi
   if accumulate:
     local = {k: v.reshape(config.gradient_accumulation_steps, -1, v.shape[-1]) for k, v in local.items()}
   return distributed.global_batch(local, sharding_, config.micro_batch_size)
+
+
+def model_flops_per_token(config, num_params: int) -> float:
+  """Training FLOPs per token of the configured decoder (see metrics.training_flops_per_token)."""
+  return metrics_lib.training_flops_per_token(
+      num_params=num_params, num_layers=config.base_num_decoder_layers, num_heads=config.base_num_query_heads,
+      head_dim=config.head_dim, seq_len=config.max_target_length,
+      num_embedding_params=0 if config.logits_via_embedding else config.vocab_size * config.base_emb_dim)
 
 
 def evaluate(eval_step: Callable, params, batches: list[dict[str, jax.Array]]) -> float:
@@ -203,18 +214,14 @@ def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_bat
                   for b in eval_host_batches]
   start_step = int(jax.device_get(state["step"]))
   n_params = models.num_params(setup.abstract_params)
-  flops_per_token = metrics_lib.training_flops_per_token(
-      num_params=n_params, num_layers=config.base_num_decoder_layers, num_heads=config.base_num_query_heads,
-      head_dim=config.head_dim, seq_len=config.max_target_length,
-      num_embedding_params=0 if config.logits_via_embedding else config.vocab_size * config.base_emb_dim)
+  flops_per_token = model_flops_per_token(config, n_params)
   peak = metrics_lib.device_peak_flops(jax.devices()[0])
   tokens_per_step = config.global_batch_size * config.max_target_length
   if is_primary:
     os.makedirs(config.run_dir, exist_ok=True)
     with open(os.path.join(config.run_dir, "config.yml"), "w") as f:
       f.write(config_lib.to_yaml(config))
-    print(f"{config.mode}: {n_params:,} parameters, {config.num_devices} device(s), mesh "
-          f"{dict(zip(sharding.MESH_AXES, (config[f'ici_{a}_parallelism'] * config[f'dcn_{a}_parallelism'] for a in sharding.MESH_AXES)))}, "
+    print(f"{config.mode}: {n_params:,} parameters, {config.num_devices} device(s), mesh {dict(setup.mesh.shape)}, "
           f"global batch {config.global_batch_size} x {config.max_target_length} tokens", flush=True)
 
   summary: dict[str, Any] = {"run_dir": config.run_dir, "start_step": start_step}
@@ -275,8 +282,6 @@ def _sample(config, graphdef, params, tokenizer) -> dict[str, str]:
 def run(argv: list[str]) -> dict[str, Any]:
   """Loads the config from argv (without the program name), trains, and prints where everything is."""
   config = config_lib.load(argv)
-  from cloud_tpu_diagnostics import diagnostic  # pylint: disable=import-outside-toplevel
-  from cloud_tpu_diagnostics.configuration import debug_configuration, diagnostic_configuration, stack_trace_configuration  # pylint: disable=import-outside-toplevel
   diagnostics = diagnostic_configuration.DiagnosticConfig(debug_config=debug_configuration.DebugConfig(
       stack_trace_config=stack_trace_configuration.StackTraceConfig(
           collect_stack_trace=config.collect_stack_trace, stack_trace_to_cloud=config.stack_trace_to_cloud,

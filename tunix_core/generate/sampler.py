@@ -11,6 +11,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 
 @partial(jax.jit, static_argnames=("graphdef", "prompt_length", "eos_id"))
@@ -36,5 +37,7 @@ def greedy_generate(graphdef: nnx.GraphDef, params, prompt_ids: Sequence[int], m
   """The greedily generated continuation of prompt_ids (without the prompt), cut at the first EOS."""
   buffer = jnp.zeros((1, len(prompt_ids) + max_new_tokens), jnp.int32).at[0, :len(prompt_ids)].set(
       jnp.asarray(prompt_ids, jnp.int32))
-  tokens = jax.device_get(_greedy(graphdef, params, buffer, len(prompt_ids), eos_id))[0, len(prompt_ids):].tolist()
+  # Gathered from every process: with several processes the result may live partly on other hosts.
+  tokens = multihost_utils.process_allgather(_greedy(graphdef, params, buffer, len(prompt_ids), eos_id), tiled=True)
+  tokens = tokens[0, len(prompt_ids):].tolist()
   return tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens

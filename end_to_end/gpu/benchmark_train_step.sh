@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One GPU call that times the train step: the default model, then a Llama-3.2-1B-shaped model in bf16 at
+# google-tunix's measured setting (batch 2 x 2048, no remat: 20.2k tokens/s, 16% MFU on one H100; see
+# ../shared/STACK-NOTES.md), then the same with whole-layer remat at batch 4 x 2048.
+# Prepare here first:  bash ../shared/device/wheels.sh   (fills .whl/, carried to the device)
+# Run on the device:   bash end_to_end/gpu/benchmark_train_step.sh   (with carry [".whl"])
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+LLAMA_1B="base_emb_dim=2048 base_num_query_heads=32 base_num_kv_heads=8 head_dim=64 base_mlp_dim=8192
+  base_num_decoder_layers=16 vocab_size=128256 rope_max_timescale=500000.0 logits_via_embedding=true
+  dtype=bfloat16 weight_dtype=bfloat16 max_target_length=2048"
+python3 benchmarks/train_step.py configs/base.yml
+# shellcheck disable=SC2086
+python3 benchmarks/train_step.py --measure_steps 10 configs/base.yml $LLAMA_1B per_device_batch_size=2
+# shellcheck disable=SC2086
+python3 benchmarks/train_step.py --measure_steps 10 configs/base.yml $LLAMA_1B per_device_batch_size=4 remat_policy=full
