@@ -29,6 +29,5 @@ else
 fi
 
 "$py" -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
-"$py" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>/dev/null \
-  || "$py" -m pip install -q --disable-pip-version-check --no-deps -e .
+"$py" -m pip install -q --disable-pip-version-check --no-deps -e .
 echo "ready: source .venv/bin/activate"

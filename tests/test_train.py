@@ -10,7 +10,9 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+import yaml
 
 from tunix_core import config as config_lib, train
 from tunix_core.data import pipeline, tokenizer as tokenizer_lib
@@ -46,15 +48,10 @@ def test_default_run_end_to_end(tmp_path, capsys):
   assert [r["step"] for r in records if "eval/loss" in r] == [4, 8]
   assert sorted(os.listdir(run_dir / "checkpoints")) == ["4", "8"]
   assert list((run_dir / "tensorboard").iterdir())
-  assert yaml_steps(run_dir / "config.yml") == 8
+  assert yaml.safe_load((run_dir / "config.yml").read_text())["steps"] == 8
   out = capsys.readouterr().out
   assert f"checkpoints:   {run_dir}/checkpoints" in out and "sample completion:" in out
   assert isinstance(summary["sample"]["completion"], str)
-
-
-def yaml_steps(path) -> int:
-  import yaml  # pylint: disable=import-outside-toplevel
-  return yaml.safe_load(pathlib.Path(path).read_text())["steps"]
 
 
 def _one_step(overrides, batch) -> tuple[dict, float]:
@@ -149,7 +146,6 @@ def test_load_parameters_path_starts_from_another_run(tmp_path):
   fresh_config = config_lib.load(["configs/base.yml", *QUICK], initialize_distributed=False)
   with setup.activate():
     fresh = train.build(fresh_config).initial_state(fresh_config, None, None)["params"]
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   saved = ocp.StandardCheckpointer().restore(tmp_path / "a" / "checkpoints" / "3" / "params")
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), saved)
   assert not np.array_equal(jax.device_get(fresh)["embedding"], saved["embedding"])
