@@ -58,8 +58,11 @@ class Checkpointer:
 
 
 def resolve_parameters_path(path: str) -> str:
-  """A run directory, its checkpoints/ directory or one step's directory -> that step's params item."""
+  """A run directory (its latest step), its checkpoints/ directory, one step's directory or that step's
+  params/ -> the params item."""
   path = os.path.abspath(path)
+  if os.path.basename(path) == "params" and os.path.isdir(path):
+    return path
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   if os.path.isdir(os.path.join(path, "params")):

@@ -16,13 +16,15 @@ import yaml
 
 from tunix_core import distributed, sharding
 from tunix_core.errors import UserError
+from tunix_core.models import hf_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yml"
 
 CHOICES = {
     "mode": ("sft",),
-    "decoder_block": ("llama",),
+    "decoder_block": ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"),
+    "rope_type": ("default", "linear", "llama3"),
     "remat_policy": ("none", "full", "minimal", "save_qkv_proj", "save_out_proj", "save_dot_except_mlp"),
     "attention": ("dot_product",),
     "dtype": ("float32", "bfloat16", "float16"),
@@ -38,7 +40,10 @@ POSITIVE = ("steps", "vocab_size", "base_emb_dim", "base_num_query_heads", "base
             "max_num_checkpoints_to_keep", "log_period", "per_device_batch_size", "normalization_layer_epsilon",
             "rope_max_timescale", "stack_trace_interval_seconds")
 NON_NEGATIVE = ("eval_interval", "loss_chunk_size", "sample_max_new_tokens", "learning_rate", "adam_eps",
-                "adam_weight_decay", "gradient_clipping_threshold", "init_weights_std", "seed")
+                "adam_weight_decay", "gradient_clipping_threshold", "init_weights_std", "seed", "rope_factor",
+                "local_rope_max_timescale", "sliding_window_size", "attn_logits_soft_cap", "final_logits_soft_cap",
+                "query_pre_attn_scalar")
+LAYER_TYPES = ("sliding_attention", "full_attention")
 FRACTIONS = ("warmup_steps_fraction", "cosine_learning_rate_final_fraction", "adam_b1", "adam_b2")
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
 
@@ -135,6 +140,14 @@ def layer(argv: Sequence[str]) -> dict[str, Any]:
       if key not in base:
         raise _unknown_key(key, list(base), source)
       merged[key] = _coerce(key, value, base[key], source)
+  if merged["hf_path"]:
+    # The checkpoint's own config.json fixes the architecture; its tokenizer is the default one.
+    merged["hf_path"] = hf_config.resolve(merged["hf_path"])
+    source = os.path.join(merged["hf_path"], "config.json")
+    for key, value in hf_config.config_keys(merged["hf_path"]).items():
+      merged[key] = _coerce(key, value, base[key], source)
+    if not any("tokenizer_path" in values for values in (model, recipe, overrides)):
+      merged["tokenizer_path"] = merged["hf_path"]
   return merged
 
 
@@ -160,6 +173,26 @@ def validate(cfg: dict[str, Any]) -> None:
                     f"base_num_query_heads={cfg['base_num_query_heads']}")
   if cfg["head_dim"] % 2:
     raise UserError(f"head_dim={cfg['head_dim']}: rotary embeddings need an even head_dim")
+  bad_types = [t for t in cfg["layer_types"] if t not in LAYER_TYPES]
+  if bad_types:
+    raise UserError(f"layer_types: {bad_types} are not among {', '.join(LAYER_TYPES)}")
+  if "sliding_attention" in cfg["layer_types"] and cfg["sliding_window_size"] <= 0:
+    raise UserError("layer_types has sliding_attention layers but sliding_window_size=0; set the window")
+  if cfg["layer_types"] and cfg["decoder_block"] not in ("gemma2", "gemma3"):
+    raise UserError(f"layer_types is a Gemma 2/3 feature; decoder_block={cfg['decoder_block']} has only full attention")
+  gemma_2_3 = cfg["decoder_block"] in ("gemma2", "gemma3")
+  for key in ("attn_logits_soft_cap", "final_logits_soft_cap", "query_pre_attn_scalar", "sliding_window_size"):
+    if cfg[key] and not gemma_2_3:
+      raise UserError(f"{key}={cfg[key]} is a Gemma 2/3 feature; set decoder_block=gemma2 or gemma3, or {key}=0")
+  if not float(cfg["query_pre_attn_scalar"]).is_integer():
+    raise UserError(f"query_pre_attn_scalar={cfg['query_pre_attn_scalar']}: expected a whole number")
+  if cfg["local_rope_max_timescale"] and cfg["decoder_block"] != "gemma3":
+    raise UserError("local_rope_max_timescale is a Gemma 3 feature; set decoder_block=gemma3 or leave it 0")
+  if cfg["export_hf_path"] and os.path.isdir(cfg["export_hf_path"]) and os.listdir(cfg["export_hf_path"]):
+    raise UserError(f"export_hf_path={cfg['export_hf_path']} exists and is not empty; choose a new directory")
+  if cfg["rope_type"] == "llama3" and cfg["rope_high_freq_factor"] <= cfg["rope_low_freq_factor"]:
+    raise UserError(f"rope_type=llama3 needs rope_high_freq_factor ({cfg['rope_high_freq_factor']}) > "
+                    f"rope_low_freq_factor ({cfg['rope_low_freq_factor']})")
   if cfg["max_target_length"] < 2:
     raise UserError(f"max_target_length={cfg['max_target_length']}: must be at least 2")
   if cfg["eval_steps"] == 0 or cfg["eval_steps"] < -1:
@@ -222,6 +255,26 @@ def load(argv: Sequence[str], *, initialize_distributed: bool = True) -> ml_coll
   validate(cfg)
   if initialize_distributed:
     distributed.initialize(cfg["coordinator_address"], cfg["num_processes"], cfg["process_id"])
+  import jax  # pylint: disable=import-outside-toplevel
+  devices = jax.devices()
+  cfg = derive(cfg, len(devices), jax.process_count(), jax.process_index(), sharding.num_slices(devices))
+  return ml_collections.FrozenConfigDict(cfg)
+
+
+# Keys of a saved run config that describe the machine it ran on rather than the model.
+_MACHINE_KEYS = tuple(f"{g}_{a}_parallelism" for g in ("ici", "dcn") for a in sharding.MESH_AXES) + (
+    "coordinator_address", "num_processes", "process_id", "per_device_batch_size", "gradient_accumulation_steps",
+    "export_hf_path")
+
+
+def load_saved(saved: dict[str, Any]) -> ml_collections.FrozenConfigDict:
+  """A run's saved config.yml (architecture already resolved), re-derived for the devices here."""
+  base = _read_yaml(BASE_CONFIG, "base config")
+  cfg = dict(base)
+  for key, value in saved.items():
+    if key in base and key not in _MACHINE_KEYS:
+      cfg[key] = _coerce(key, value, base[key], "saved config.yml")
+  validate(cfg)
   import jax  # pylint: disable=import-outside-toplevel
   devices = jax.devices()
   cfg = derive(cfg, len(devices), jax.process_count(), jax.process_index(), sharding.num_slices(devices))

@@ -23,11 +23,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tunix_core import checkpoint, config as config_lib, distributed, metrics as metrics_lib, models, optimizers
+from tunix_core import checkpoint, config as config_lib, distributed, export, metrics as metrics_lib, models
+from tunix_core import optimizers
 from tunix_core import sharding
 from tunix_core.data import pipeline, tokenizer as tokenizer_lib
 from tunix_core.errors import UserError
 from tunix_core.generate import sampler
+from tunix_core.models import hf_weights
 from tunix_core.modes import MODES
 
 TrainState = dict[str, Any]  # {"params": pure dict, "opt_state": optax state, "step": int32 scalar}
@@ -148,7 +150,8 @@ class Setup(NamedTuple):
     return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
   def initial_state(self, config, checkpointer: checkpoint.Checkpointer | None, train_iterator) -> TrainState:
-    """Resumes the run's latest checkpoint (moving the iterator too), else loads or initialises params."""
+    """Resumes the run's latest checkpoint (moving the iterator too), else loads params (load_parameters_path,
+    then hf_path) or initialises them."""
     latest = checkpointer.latest_step() if checkpointer else None
     if latest is not None:
       abstract = checkpoint.abstract_with_shardings(jax.eval_shape(self.new_state, self.abstract_params),
@@ -160,6 +163,8 @@ class Setup(NamedTuple):
       params = checkpoint.load_parameters(
           config.load_parameters_path,
           checkpoint.abstract_with_shardings(self.abstract_params, self.shardings["params"]))
+    elif config.hf_path:
+      params = hf_weights.load(config.hf_path, self.model_config, self.abstract_params, self.shardings["params"])
     else:
       params = models.init_params(self.model_config, config.seed, self.shardings["params"])
     return jax.jit(self.new_state, out_shardings=self.shardings, donate_argnums=(0,))(params)
@@ -266,6 +271,9 @@ def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_bat
       flush(*pending)
 
   summary["steps"] = int(jax.device_get(state["step"]))
+  if config.export_hf_path:
+    export.write(config, setup.model_config, state["params"], config.export_hf_path)
+    summary["export_hf_path"] = config.export_hf_path
   summary["sample"] = _sample(config, setup.graphdef, state["params"], tokenizer) \
       if config.sample_max_new_tokens else None
   return summary
@@ -295,6 +303,8 @@ def run(argv: list[str]) -> dict[str, Any]:
     print(f"metrics:       {config.metrics_file}")
     if config.enable_tensorboard:
       print(f"tensorboard:   tensorboard --logdir {config.tensorboard_dir}")
+    if config.export_hf_path:
+      print(f"hugging face:  {config.export_hf_path}")
     if summary.get("sample"):
       print(f"sample prompt:     {summary['sample']['prompt']!r}")
       print(f"sample completion: {summary['sample']['completion']!r}")

@@ -8,26 +8,33 @@ from tunix_core.sharding import shard_activation
 IMPLEMENTATIONS = ("dot_product",)
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-  """[B, S, S] boolean: causal, and only within the same segment (packed examples never see each other)."""
+def attention_mask(segment_ids: jax.Array, window: jax.Array | int = 0) -> jax.Array:
+  """[B, S, S] boolean: causal, within the same segment, and (window > 0) only the last `window` keys.
+
+  Query i sees key j when j <= i and i - window < j, the sliding-window convention of Hugging Face's
+  Gemma 2/3. Packed segments are contiguous, so row offsets equal position offsets within a segment.
+  """
   length = segment_ids.shape[-1]
-  causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
+  offsets = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
+  visible = (offsets >= 0) & ((window <= 0) | (offsets < window))
   same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return causal[None] & same_segment
+  return visible[None] & same_segment
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                          scale: float) -> jax.Array:
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float,
+                          window: jax.Array | int = 0, logit_softcap: float = 0.0) -> jax.Array:
   """Plain XLA attention. q [B, S, H, D], k/v [B, S, K, D] with K dividing H -> [B, S, H, D].
 
-  Softmax runs in float32. Masked scores use the dtype's lowest finite value rather than -inf so that
-  a padding row (which sees only itself) never produces NaN.
+  Softmax runs in float32. Soft-capping (Gemma 2) maps scores s to c * tanh(s / c) before masking.
+  Masked scores use the lowest finite float32 rather than -inf so a padding row never produces NaN.
   """
   batch, length, heads, dim = q.shape
   groups = heads // k.shape[2]
   q = q.reshape(batch, length, k.shape[2], groups, dim)
   scores = jnp.einsum("bskgd,btkd->bkgst", q, k).astype(jnp.float32) * scale
-  mask = attention_mask(segment_ids)[:, None, None]
+  if logit_softcap:
+    scores = logit_softcap * jnp.tanh(scores / logit_softcap)
+  mask = attention_mask(segment_ids, window)[:, None, None]
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(batch, length, heads, dim)
@@ -35,8 +42,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, scale: float,
-           implementation: str) -> jax.Array:
+           window: jax.Array | int = 0, logit_softcap: float = 0.0, implementation: str) -> jax.Array:
   """Dispatches to the configured implementation."""
   if implementation == "dot_product":
-    return dot_product_attention(q, k, v, segment_ids, scale)
+    return dot_product_attention(q, k, v, segment_ids, scale, window, logit_softcap)
   raise ValueError(f"unknown attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")

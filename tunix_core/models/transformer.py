@@ -1,24 +1,49 @@
 """THE decoder-only Transformer. Every model family is a ModelConfig of this one implementation.
 
-Parameters carry logical axis names (embed, heads, kv_heads, head_dim, mlp, vocab, layers); the
-config's logical_axis_rules place them on the mesh. Activations are constrained the same way.
+Families differ in switches (q/k/v biases, q/k norms, Gemma's (1 + w) norms and scaled embeddings,
+sandwich norms around attention and MLP), in numbers (soft-caps, sliding windows, query scaling) and in
+rotary-embedding frequencies per layer. Parameters carry logical axis names (embed, heads, kv_heads,
+head_dim, mlp, vocab, layers); the config's logical_axis_rules place them on the mesh.
 """
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from tunix_core.models import attention as attention_lib
 from tunix_core.sharding import shard_activation
 
-# Names given to intermediate values so remat policies can choose what to keep for the backward pass.
 REMAT_POLICIES = ("none", "full", "minimal", "save_qkv_proj", "save_out_proj", "save_dot_except_mlp")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
                "relu": jax.nn.relu, "linear": lambda x: x}
+ROPE_TYPES = ("default", "linear", "llama3")
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyTraits:
+  """Structural switches that set one model family apart; numbers live in ModelConfig."""
+  qkv_bias: bool = False        # Qwen 2: biases on the q/k/v projections
+  qk_norm: bool = False         # Qwen 3, Gemma 3: RMSNorm over head_dim of queries and keys
+  norm_plus_one: bool = False   # Gemma: norms scale by (1 + w)
+  scale_embeddings: bool = False  # Gemma: embeddings times sqrt(emb_dim)
+  sandwich_norm: bool = False   # Gemma 2/3: norms after attention and around the MLP too
+
+
+FAMILIES = {
+    "llama": FamilyTraits(),
+    "qwen2": FamilyTraits(qkv_bias=True),
+    "qwen3": FamilyTraits(qk_norm=True),
+    "gemma": FamilyTraits(norm_plus_one=True, scale_embeddings=True),
+    "gemma2": FamilyTraits(norm_plus_one=True, scale_embeddings=True, sandwich_norm=True),
+    "gemma3": FamilyTraits(qk_norm=True, norm_plus_one=True, scale_embeddings=True, sandwich_norm=True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +56,21 @@ class ModelConfig:
   head_dim: int
   mlp_dim: int
   num_layers: int
+  family: str = "llama"
   mlp_activations: tuple[str, ...] = ("silu", "linear")
   norm_eps: float = 1e-5
   rope_theta: float = 10000.0
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
+  local_rope_theta: float = 0.0          # sliding layers' own rope base (unscaled); 0 = as the full layers
+  sliding_window: int = 0
+  layer_types: tuple[str, ...] = ()      # repeated cyclically over the layers; () = all full attention
+  attn_logit_softcap: float = 0.0
+  final_logit_softcap: float = 0.0
+  query_pre_attn_scalar: float = 0.0     # queries scaled by its -1/2 power; 0 = head_dim
   tied_embeddings: bool = True
   dtype: Any = jnp.float32
   weight_dtype: Any = jnp.float32
@@ -42,16 +79,64 @@ class ModelConfig:
   attention: str = "dot_product"
   init_std: float = 0.02
 
+  @property
+  def traits(self) -> FamilyTraits:
+    return FAMILIES[self.family]
+
   @classmethod
   def from_config(cls, config) -> "ModelConfig":
     return cls(
         vocab_size=config.vocab_size, emb_dim=config.base_emb_dim, num_heads=config.base_num_query_heads,
         num_kv_heads=config.base_num_kv_heads, head_dim=config.head_dim, mlp_dim=config.base_mlp_dim,
-        num_layers=config.base_num_decoder_layers, mlp_activations=tuple(config.mlp_activations),
-        norm_eps=config.normalization_layer_epsilon, rope_theta=config.rope_max_timescale,
+        num_layers=config.base_num_decoder_layers, family=config.decoder_block,
+        mlp_activations=tuple(config.mlp_activations), norm_eps=config.normalization_layer_epsilon,
+        rope_theta=config.rope_max_timescale, rope_type=config.rope_type, rope_factor=config.rope_factor,
+        rope_low_freq_factor=config.rope_low_freq_factor, rope_high_freq_factor=config.rope_high_freq_factor,
+        rope_original_max_position=config.rope_original_max_position,
+        local_rope_theta=config.local_rope_max_timescale, sliding_window=config.sliding_window_size,
+        layer_types=tuple(config.layer_types), attn_logit_softcap=config.attn_logits_soft_cap,
+        final_logit_softcap=config.final_logits_soft_cap, query_pre_attn_scalar=config.query_pre_attn_scalar,
         tied_embeddings=config.logits_via_embedding, dtype=jnp.dtype(config.dtype),
         weight_dtype=jnp.dtype(config.weight_dtype), scan_layers=config.scan_layers,
         remat_policy=config.remat_policy, attention=config.attention, init_std=config.init_weights_std)
+
+  def layer_kinds(self) -> list[str]:
+    """Each layer's attention kind, SLIDING or FULL."""
+    pattern = self.layer_types or (FULL,)
+    return [pattern[i % len(pattern)] for i in range(self.num_layers)]
+
+  def inv_frequencies(self) -> np.ndarray:
+    """Rotary inverse frequencies per layer, float32 [num_layers, head_dim // 2] (Hugging Face's formulas)."""
+    half = self.head_dim // 2
+    exponents = np.arange(0, self.head_dim, 2, dtype=np.float32) / np.float32(self.head_dim)
+
+    def base(theta: float) -> np.ndarray:
+      return (1.0 / np.power(np.float32(theta), exponents)).astype(np.float32)
+
+    full = base(self.rope_theta)
+    if self.rope_type == "linear":
+      full = full / np.float32(self.rope_factor)
+    elif self.rope_type == "llama3":
+      full = _llama3_scaling(full, self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                             self.rope_original_max_position)
+    local = base(self.local_rope_theta) if self.local_rope_theta else full
+    table = [local if kind == SLIDING else full for kind in self.layer_kinds()]
+    return np.stack(table).astype(np.float32).reshape(self.num_layers, half)
+
+  def windows(self) -> np.ndarray:
+    """Each layer's sliding window in keys (0 = unlimited), int32 [num_layers]."""
+    return np.array([self.sliding_window if kind == SLIDING else 0 for kind in self.layer_kinds()], np.int32)
+
+
+def _llama3_scaling(inv_freq: np.ndarray, factor: float, low: float, high: float, original: int) -> np.ndarray:
+  """Llama 3.1's frequency-dependent rope scaling: long wavelengths divided by factor, short ones kept,
+  the band between interpolated (transformers' _compute_llama3_parameters)."""
+  wavelength = 2 * math.pi / inv_freq
+  scaled = np.where(wavelength > original / low, inv_freq / factor, inv_freq)
+  smooth = (original / wavelength - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelength < original / high) & ~(wavelength > original / low)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig,
@@ -61,22 +146,24 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], cfg: M
 
 
 class RMSNorm(nnx.Module):
-  """Root-mean-square layer norm, computed in float32."""
+  """Root-mean-square norm computed in float32; Gemma scales by (1 + w) with w initialised to 0."""
 
   def __init__(self, dim: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.eps = cfg.norm_eps
-    self.scale = _param(rngs, (dim,), ("norm",), cfg, init=nnx.initializers.ones)
+    self.plus_one = cfg.traits.norm_plus_one
+    init = nnx.initializers.zeros if self.plus_one else nnx.initializers.ones
+    self.scale = _param(rngs, (dim,), ("norm",), cfg, init=init)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    scale = self.scale[...].astype(jnp.float32)
+    return (normed * (1.0 + scale if self.plus_one else scale)).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding in the rotate-half layout of Hugging Face Llama: x [B, S, H, D], positions [B, S]."""
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding, rotate-half layout (Hugging Face): x [B, S, H, D], positions [B, S], inv_freq [D/2]."""
   half = x.shape[-1] // 2
-  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, S, half]
   sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
@@ -93,20 +180,37 @@ class Attention(nnx.Module):
     self.key = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), cfg)
     self.value = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), cfg)
     self.out = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), cfg)
+    if cfg.traits.qkv_bias:
+      zeros = nnx.initializers.zeros
+      self.query_bias = _param(rngs, (h, d), ("heads", "head_dim"), cfg, init=zeros)
+      self.key_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), cfg, init=zeros)
+      self.value_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), cfg, init=zeros)
+    if cfg.traits.qk_norm:
+      self.query_norm = RMSNorm(d, cfg, rngs=rngs)
+      self.key_norm = RMSNorm(d, cfg, rngs=rngs)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, inv_freq: jax.Array,
+               window: jax.Array) -> jax.Array:
     cfg = self.cfg
     dt = cfg.dtype
     q = jnp.einsum("bse,ehd->bshd", x, self.query[...].astype(dt))
     k = jnp.einsum("bse,ekd->bskd", x, self.key[...].astype(dt))
     v = jnp.einsum("bse,ekd->bskd", x, self.value[...].astype(dt))
+    if cfg.traits.qkv_bias:
+      q = q + self.query_bias[...].astype(dt)
+      k = k + self.key_bias[...].astype(dt)
+      v = v + self.value_bias[...].astype(dt)
     q = checkpoint_name(q, "query_proj")
     k = checkpoint_name(k, "key_proj")
     v = checkpoint_name(v, "value_proj")
+    if cfg.traits.qk_norm:
+      q, k = self.query_norm(q), self.key_norm(k)
     q = shard_activation(q, ("activation_batch", "activation_length", "activation_heads", None))
-    q = apply_rope(q, positions, cfg.rope_theta)
-    k = apply_rope(k, positions, cfg.rope_theta)
-    attended = attention_lib.attend(q, k, v, segment_ids, scale=cfg.head_dim ** -0.5, implementation=cfg.attention)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+    attended = attention_lib.attend(q, k, v, segment_ids, scale=scale, window=window,
+                                    logit_softcap=cfg.attn_logit_softcap, implementation=cfg.attention)
     out = jnp.einsum("bshd,hde->bse", attended, self.out[...].astype(dt))
     return checkpoint_name(out, "out_proj")
 
@@ -130,17 +234,24 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.)); Gemma 2/3 also norm each output."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.attention_norm = RMSNorm(cfg.emb_dim, cfg, rngs=rngs)
     self.attention = Attention(cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.emb_dim, cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
+    self.sandwich = cfg.traits.sandwich_norm
+    if self.sandwich:
+      self.post_attention_norm = RMSNorm(cfg.emb_dim, cfg, rngs=rngs)
+      self.post_mlp_norm = RMSNorm(cfg.emb_dim, cfg, rngs=rngs)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    x = x + self.attention(self.attention_norm(x), positions, segment_ids)
-    x = x + self.mlp(self.mlp_norm(x))
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, inv_freq: jax.Array,
+               window: jax.Array) -> jax.Array:
+    attended = self.attention(self.attention_norm(x), positions, segment_ids, inv_freq, window)
+    x = x + (self.post_attention_norm(attended) if self.sandwich else attended)
+    transformed = self.mlp(self.mlp_norm(x))
+    x = x + (self.post_mlp_norm(transformed) if self.sandwich else transformed)
     return shard_activation(x, ("activation_batch", "activation_length", "activation_embed"))
 
 
@@ -175,38 +286,49 @@ class Transformer(nnx.Module):
     if not cfg.tied_embeddings:
       self.head = _param(rngs, (cfg.emb_dim, cfg.vocab_size), ("embed", "vocab"), cfg)
 
-  def _run_layer(self, layer: DecoderLayer, x, positions, segment_ids):
-    policy = remat_policy(self.cfg.remat_policy)
+  def _run_layer(self, layer: DecoderLayer, x, *args):
     if self.cfg.remat_policy == "none":
-      return layer(x, positions, segment_ids)
+      return layer(x, *args)
     graphdef, state = nnx.split(layer)
-    run = jax.checkpoint(lambda s, *args: nnx.merge(graphdef, s)(*args), policy=policy)
-    return run(state, x, positions, segment_ids)
+    run = jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a), policy=remat_policy(self.cfg.remat_policy))
+    return run(state, x, *args)
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """Token embeddings in the compute dtype (Gemma: times sqrt(emb_dim), rounded to the weight dtype first)."""
+    cfg = self.cfg
+    x = jnp.take(self.embedding[...], tokens, axis=0)
+    if cfg.traits.scale_embeddings:
+      x = x * jnp.asarray(math.sqrt(cfg.emb_dim), cfg.weight_dtype)
+    return x.astype(cfg.dtype)
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """Final-norm hidden states [B, S, E] in the compute dtype (the head is applied separately, in chunks)."""
     cfg = self.cfg
-    x = jnp.take(self.embedding[...], tokens, axis=0).astype(cfg.dtype)
-    x = shard_activation(x, ("activation_batch", "activation_length", "activation_embed"))
+    x = shard_activation(self.embed(tokens), ("activation_batch", "activation_length", "activation_embed"))
+    inv_freq, windows = jnp.asarray(cfg.inv_frequencies()), jnp.asarray(cfg.windows())
     if cfg.scan_layers:
       graphdef, stacked_state = nnx.split(self.layers)
 
-      def body(carry, layer_state):
-        return self._run_layer(nnx.merge(graphdef, layer_state), carry, positions, segment_ids), None
+      def body(carry, per_layer):
+        layer_state, layer_inv_freq, window = per_layer
+        layer = nnx.merge(graphdef, layer_state)
+        return self._run_layer(layer, carry, positions, segment_ids, layer_inv_freq, window), None
 
-      x, _ = jax.lax.scan(body, x, stacked_state)
+      x, _ = jax.lax.scan(body, x, (stacked_state, inv_freq, windows))
     else:
-      for layer in self.layers:
-        x = self._run_layer(layer, x, positions, segment_ids)
+      for i, layer in enumerate(self.layers):
+        x = self._run_layer(layer, x, positions, segment_ids, inv_freq[i], windows[i])
     return self.final_norm(x)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    """Output-head logits for hidden states [..., E] -> [..., V] in float32."""
+    """Output-head logits for hidden states [..., E] -> [..., V] in float32 (soft-capped where configured)."""
     if self.cfg.tied_embeddings:
       kernel = self.embedding[...].astype(self.cfg.dtype).T
     else:
       kernel = self.head[...].astype(self.cfg.dtype)
-    return (hidden @ kernel).astype(jnp.float32)
+    logits = (hidden @ kernel).astype(jnp.float32)
+    cap = self.cfg.final_logit_softcap
+    return cap * jnp.tanh(logits / cap) if cap else logits
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     return self.logits(self.hidden_states(tokens, positions, segment_ids))
