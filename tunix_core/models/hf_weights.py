@@ -255,7 +255,8 @@ def save(cfg: ModelConfig, params: dict, directory: str, dtype: Any, max_shard_b
   def host(entry) -> np.ndarray:
     m, array, *layer = entry
     value = np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    return m.to_hf(value[layer[0]] if layer else value).astype(dtype)
+    # safetensors writes an array's buffer as it lies in memory: it must be C-ordered, not a transposed view.
+    return np.ascontiguousarray(m.to_hf(value[layer[0]] if layer else value), dtype=dtype)
 
   entries = list(hf_tensors(cfg, params))
   itemsize = np.dtype(dtype).itemsize
