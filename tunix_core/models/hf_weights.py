@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from safetensors import SafetensorError, safe_open
+import ml_dtypes
 from safetensors.numpy import save_file
 
 from tunix_core.errors import UserError
@@ -51,7 +51,8 @@ class TensorMap:
   def to_hf(self, ours: np.ndarray) -> np.ndarray:
     return np.transpose(ours, np.argsort(self.perm)).reshape(self.hf_shape(ours.shape))
 
-  def read(self, tensor, our_shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+  def read(self, checkpoint: "_Checkpoint", name: str, our_shape: tuple[int, ...], index: tuple[slice, ...]
+           ) -> np.ndarray:
     """The part `index` of our array, reading from the HF tensor slice only the rows and columns needed."""
     split = self.split(our_shape)
     split_index = [slice(None)] * len(split)
@@ -66,7 +67,7 @@ class TensorMap:
       local_shape.extend([outer[1] - outer[0], *(split[d] for d in dims[1:])])
       inner_index.extend([slice(None), *(split_index[d] for d in dims[1:])])
       start += count
-    block = tensor[tuple(hf_index)].reshape(local_shape)[tuple(inner_index)]
+    block = checkpoint.read(name, tuple(hf_index)).reshape(local_shape)[tuple(inner_index)]
     return np.transpose(block, self.perm)
 
 
@@ -137,39 +138,81 @@ def _per_layer(cfg: ModelConfig, abstract_params: dict) -> Iterator[tuple[int, t
       yield i, (m, shape[1:] if cfg.scan_layers else shape)
 
 
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class _SafetensorsFile:
+  """Reads tensor slices from a .safetensors file with positioned reads (no memory map).
+
+  A memory map would keep every page it touched resident in this process until the file is closed,
+  adding the checkpoint's size again to the peak; positioned reads leave only the parameters.
+  The format is an 8-byte header length, a JSON header (dtype, shape, byte offsets), then raw data.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self._fd = os.open(path, os.O_RDONLY)
+    size = os.fstat(self._fd).st_size
+    length = int.from_bytes(os.pread(self._fd, 8, 0), "little") if size >= 8 else -1
+    if not 0 < length <= size - 8:
+      raise ValueError("truncated or not safetensors (bad header length)")
+    header = json.loads(os.pread(self._fd, length, 8))
+    header.pop("__metadata__", None)
+    self._data_start = 8 + length
+    self.entries = {}
+    for name, entry in header.items():
+      start, end = entry["data_offsets"]
+      itemsize = np.dtype(_DTYPES.get(entry["dtype"], np.uint8)).itemsize
+      if self._data_start + end > size or end - start != math.prod(entry["shape"]) * itemsize:
+        raise ValueError(f"truncated or inconsistent at tensor {name}")
+      self.entries[name] = entry
+
+  def dtype_name(self, name: str) -> str:
+    return self.entries[name]["dtype"]
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self.entries[name]["shape"])
+
+  def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    """tensor[index] (slices), reading only the rows of the first dimension that the index covers."""
+    entry = self.entries[name]
+    dtype, shape = np.dtype(_DTYPES[entry["dtype"]]), tuple(entry["shape"])
+    if not shape:
+      return np.frombuffer(os.pread(self._fd, dtype.itemsize, self._data_start + entry["data_offsets"][0]), dtype)
+    first = range(*index[0].indices(shape[0]))
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    offset = self._data_start + entry["data_offsets"][0] + first.start * row_bytes
+    rows = np.frombuffer(os.pread(self._fd, len(first) * row_bytes, offset), dtype).reshape(len(first), *shape[1:])
+    return rows[(slice(None), *index[1:])]
+
+
 class _Checkpoint:
-  """The safetensors files of a Hugging Face directory, opened lazily (memory-mapped)."""
+  """The safetensors files of a Hugging Face directory, as one name -> tensor table."""
 
   def __init__(self, directory: str):
     self.directory = directory
     index_path = os.path.join(directory, INDEX_FILE)
     if os.path.isfile(index_path):
       with open(index_path) as f:
-        self.weight_map = json.load(f)["weight_map"]
+        files = sorted(set(json.load(f)["weight_map"].values()))
     elif os.path.isfile(os.path.join(directory, SINGLE_FILE)):
-      self.weight_map = None
+      files = [SINGLE_FILE]
     else:
       raise UserError(f"hf_path={directory}: no {SINGLE_FILE} or {INDEX_FILE}; expected a Hugging Face model "
                       f"directory saved with safetensors")
-    self._files: dict[str, Any] = {}
-    files = sorted(set(self.weight_map.values())) if self.weight_map else [SINGLE_FILE]
-    self.names: dict[str, str] = {}
+    self.names: dict[str, _SafetensorsFile] = {}
     for file in files:
-      for name in self._open(file).keys():
-        self.names[name] = file
-
-  def _open(self, file: str):
-    if file not in self._files:
-      path = os.path.join(self.directory, file)
+      path = os.path.join(directory, file)
       try:
-        self._files[file] = safe_open(path, framework="numpy")
-      except (SafetensorError, OSError) as e:
-        raise UserError(f"hf_path={self.directory}: cannot read {file} ({e}); the file is missing, truncated "
+        opened = _SafetensorsFile(path)
+      except (ValueError, OSError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"hf_path={directory}: cannot read {file} ({e}); the file is missing, truncated "
                         f"or not safetensors — download it again") from None
-    return self._files[file]
+      self.names.update({name: opened for name in opened.entries})
 
-  def tensor(self, name: str):
-    return self._open(self.names[name]).get_slice(name)
+  def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    return self.names[name].read(name, index)
 
 
 def check(checkpoint: _Checkpoint, expected: dict[str, tuple[int, ...]], tied: bool) -> None:
@@ -183,8 +226,7 @@ def check(checkpoint: _Checkpoint, expected: dict[str, tuple[int, ...]], tied: b
   if unexpected:
     problems.append(f"unexpected {', '.join(unexpected)}")
   for name in sorted(set(expected) & set(checkpoint.names)):
-    tensor = checkpoint.tensor(name)
-    shape, dtype = tuple(tensor.get_shape()), tensor.get_dtype()
+    shape, dtype = checkpoint.names[name].shape(name), checkpoint.names[name].dtype_name(name)
     if shape != expected[name]:
       problems.append(f"{name} has shape {list(shape)}, expected {list(expected[name])}")
     if dtype not in ("F32", "F16", "BF16", "F64"):
@@ -206,22 +248,22 @@ def load(directory: str, cfg: ModelConfig, abstract_params: dict, shardings: dic
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
       key = tuple(s.indices(n) for s, n in zip(index, spec.shape))
-      if key not in cache:
-        cache[key] = reader(index).astype(spec.dtype)
+      if key not in cache:  # devices holding the same replica share one read
+        cache[key] = np.ascontiguousarray(reader(index), dtype=spec.dtype)
       return cache[key]
 
     _set(params, path, jax.make_array_from_callback(spec.shape, sharding, callback))
 
   for m in _global_maps(cfg):
     shape = _get(abstract_params, m.ours).shape
-    build(m.ours, lambda index, m=m, shape=shape: m.read(checkpoint.tensor(m.hf_name), shape, index))
+    build(m.ours, lambda index, m=m, shape=shape: m.read(checkpoint, m.hf_name, shape, index))
   for m in _layer_maps(cfg):
     if cfg.scan_layers:
       full_shape = _get(abstract_params["layers"], m.ours).shape
 
       def read_layers(index, m=m, full_shape=full_shape):
         layers = range(*index[0].indices(full_shape[0]))
-        return np.stack([m.read(checkpoint.tensor(m.hf_name.format(i=i)), full_shape[1:], index[1:])
+        return np.stack([m.read(checkpoint, m.hf_name.format(i=i), full_shape[1:], index[1:])
                          for i in layers])
 
       build(("layers", *m.ours), read_layers)
@@ -229,7 +271,7 @@ def load(directory: str, cfg: ModelConfig, abstract_params: dict, shardings: dic
       for i in range(cfg.num_layers):
         shape = _get(abstract_params["layers"][i], m.ours).shape
         build(("layers", i, *m.ours),
-              lambda index, m=m, i=i, shape=shape: m.read(checkpoint.tensor(m.hf_name.format(i=i)), shape, index))
+              lambda index, m=m, i=i, shape=shape: m.read(checkpoint, m.hf_name.format(i=i), shape, index))
   return params
 
 
