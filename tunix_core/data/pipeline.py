@@ -52,18 +52,29 @@ class _ProcessSlice(grain.MapDataset):
 
 
 class _Encoder:
-  """Record -> token ids and a per-id 0/1 mask saying whether that id, as a target, counts in the loss."""
+  """Record -> token ids and a per-id 0/1 mask saying whether that id, as a target, counts in the loss.
+
+  Chat messages rendered by a Hugging Face template (config chat_template, or the tokenizer's own) are exactly
+  transformers' apply_chat_template ids: the template writes BOS and end-of-turn tokens itself, so add_bos/add_eos
+  apply only to prompt/completion records and to the built-in template.
+  """
 
   def __init__(self, config: ml_collections.FrozenConfigDict, tokenizer: Tokenizer):
-    for key, token_id, name in (("add_bos", tokenizer.bos_id, "BOS"), ("add_eos", tokenizer.eos_id, "EOS")):
-      if config[key] and token_id is None:
-        raise UserError(f"{key}=true but tokenizer_path={config.tokenizer_path} has no {name} token; "
-                        f"set {key}=false")
     self._config, self._tokenizer = config, tokenizer
     self._chat = ChatTemplate(config.chat_template, tokenizer)
+    if self._chat.is_builtin:  # every record needs BOS/EOS: say so before reading any
+      self._check_special_tokens()
+
+  def _check_special_tokens(self):
+    tokenizer = self._tokenizer
+    for key, token_id, name in (("add_bos", tokenizer.bos_id, "BOS"), ("add_eos", tokenizer.eos_id, "EOS")):
+      if self._config[key] and token_id is None:
+        raise UserError(f"{key}=true but tokenizer_path={self._config.tokenizer_path} has no {name} token; "
+                        f"set {key}=false")
 
   def _bos(self, ids: list[int]) -> list[int]:
-    # Chat templates often write BOS themselves (Llama 3, Gemma): never two.
+    self._check_special_tokens()
+    # A template may write BOS itself: never two.
     add = self._config.add_bos and ids[:1] != [self._tokenizer.bos_id]
     return [self._tokenizer.bos_id] if add else []
 
@@ -72,6 +83,8 @@ class _Encoder:
     messages = record.get(config.messages_field)
     if messages is not None:
       ids, mask = self._chat.tokenize(messages, config.completion_only_loss)
+      if not self._chat.is_builtin:
+        return ids, mask
       # EOS closes the conversation: a completion token only when the assistant spoke last.
       eos_mask = int(not config.completion_only_loss or (bool(messages) and messages[-1]["role"] == "assistant"))
     else:
@@ -84,7 +97,12 @@ class _Encoder:
     return bos + ids + eos, [0] * len(bos) + mask + [eos_mask] * len(eos)
 
   def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
-    ids = self._tokenizer.encode(prompt) if isinstance(prompt, str) else self._chat.prompt_ids(prompt)
+    if isinstance(prompt, str):
+      ids = self._tokenizer.encode(prompt)
+    else:
+      ids = self._chat.prompt_ids(prompt)
+      if not self._chat.is_builtin:
+        return ids
     return self._bos(ids) + ids
 
 
@@ -251,7 +269,8 @@ def make_eval_batches(config: ml_collections.FrozenConfigDict, tokenizer: Tokeni
 
 def prompt_ids(config: ml_collections.FrozenConfigDict, tokenizer: Tokenizer, prompt: str | list[dict]) -> list[int]:
   """The ids training puts before a completion: [BOS] + prompt, or for chat messages the conversation so far
-  plus the template's generation prompt. Feed them to the sampler to continue as training taught."""
+  plus the template's generation prompt (for a Hugging Face template, transformers' apply_chat_template ids with
+  add_generation_prompt=True). Feed them to the sampler to continue as training taught."""
   return _Encoder(config, tokenizer).prompt_ids(prompt)
 
 
