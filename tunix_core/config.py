@@ -26,7 +26,7 @@ CHOICES = {
     "decoder_block": ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"),
     "rope_type": ("default", "linear", "llama3"),
     "remat_policy": ("none", "full", "minimal", "save_qkv_proj", "save_out_proj", "save_dot_except_mlp"),
-    "attention": ("dot_product",),
+    "attention": ("auto", "xla", "flash", "cudnn"),
     "dtype": ("float32", "bfloat16", "float16"),
     "weight_dtype": ("float32", "bfloat16"),
     "dataset_type": ("jsonl", "parquet", "tfds"),
@@ -184,6 +184,8 @@ def validate(cfg: dict[str, Any]) -> None:
   for key in ("attn_logits_soft_cap", "final_logits_soft_cap", "query_pre_attn_scalar", "sliding_window_size"):
     if cfg[key] and not gemma_2_3:
       raise UserError(f"{key}={cfg[key]} is a Gemma 2/3 feature; set decoder_block=gemma2 or gemma3, or {key}=0")
+  if cfg["attention"] == "cudnn" and cfg["attn_logits_soft_cap"]:
+    raise UserError("attention=cudnn cannot soft-cap attention logits (attn_logits_soft_cap); use flash or xla")
   if not float(cfg["query_pre_attn_scalar"]).is_integer():
     raise UserError(f"query_pre_attn_scalar={cfg['query_pre_attn_scalar']}: expected a whole number")
   if cfg["local_rope_max_timescale"] and cfg["decoder_block"] != "gemma3":

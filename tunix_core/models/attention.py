@@ -1,11 +1,30 @@
-"""Attention implementations behind one function; `attention=` in the config picks one."""
+"""Attention implementations behind one function; `attention=` in the config picks one.
+
+  xla    plain XLA einsums (materialises [S, S] scores per head; the reference for the others)
+  flash  our Pallas kernel (kernels/flash_attention.py): GPU Triton lowering, TPU Mosaic, CPU interpret
+  cudnn  jax.nn.dot_product_attention(implementation="cudnn"), NVIDIA GPUs only, no soft-capping
+  auto   flash on GPU and TPU, xla on CPU (where Pallas only runs interpreted)
+
+The model passes each layer's window as a traced value (layers are scanned) plus the model's one static
+window size; kernels that need a static window branch on it with lax.cond.
+"""
 
 import jax
 import jax.numpy as jnp
 
-from tunix_core.sharding import shard_activation
+from jax.sharding import PartitionSpec
 
-IMPLEMENTATIONS = ("dot_product",)
+from tunix_core.sharding import logical_to_spec, shard_activation
+
+IMPLEMENTATIONS = ("auto", "xla", "flash", "cudnn")
+
+
+def resolve(implementation: str, platform: str | None = None) -> str:
+  """The implementation `auto` stands for on this platform (others are returned as they are)."""
+  if implementation != "auto":
+    return implementation
+  platform = platform or jax.devices()[0].platform
+  return "xla" if platform == "cpu" else "flash"
 
 
 def attention_mask(segment_ids: jax.Array, window: jax.Array | int = 0) -> jax.Array:
@@ -37,13 +56,64 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids:
   mask = attention_mask(segment_ids, window)[:, None, None]
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(batch, length, heads, dim)
-  return shard_activation(out, ("activation_batch", "activation_length", "activation_heads", None))
+  return jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(batch, length, heads, dim)
+
+
+def _with_window(attention_fn, window: jax.Array | int, static_window: int):
+  """Runs attention_fn(window_or_None) with the static window where the traced per-layer window is set."""
+  if not static_window:
+    return attention_fn(None)
+  if isinstance(window, int):
+    return attention_fn(static_window if window else None)
+  return jax.lax.cond(window > 0, lambda: attention_fn(static_window), lambda: attention_fn(None))
+
+
+def _per_shard(fn, q, k, v, segment_ids):
+  """Runs a kernel on each device's block under shard_map: batch and heads stay split as the activations
+  are, while the sequence is gathered (every query needs every key). A Pallas call cannot be partitioned
+  by XLA itself, which would otherwise gather whole arrays onto every device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn(q, k, v, segment_ids)
+  batch, heads, kv_heads = (logical_to_spec((name,))[0] for name in
+                            ("activation_batch", "activation_heads", "activation_kv_heads"))
+  q_spec = PartitionSpec(batch, None, heads, None)
+  kv_spec = PartitionSpec(batch, None, kv_heads, None)
+  return jax.shard_map(fn, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(batch, None)), out_specs=q_spec,
+                       check_vma=False)(q, k, v, segment_ids)
+
+
+def flash_attention(q, k, v, segment_ids, scale, window, static_window, logit_softcap) -> jax.Array:
+  from kernels.flash_attention import flash_attention as kernel  # pylint: disable=import-outside-toplevel
+
+  def run(q, k, v, segment_ids):
+    return _with_window(lambda w: kernel(q, k, v, causal=True, segment_ids=segment_ids, sliding_window=w,
+                                         logit_softcap=logit_softcap or None, scale=scale), window, static_window)
+
+  return _per_shard(run, q, k, v, segment_ids)
+
+
+def cudnn_attention(q, k, v, segment_ids, scale, window, static_window) -> jax.Array:
+  mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  return _with_window(lambda w: jax.nn.dot_product_attention(
+      q, k, v, mask=mask, scale=scale, is_causal=True, local_window_size=(w - 1, 0) if w else None,
+      implementation="cudnn"), window, static_window)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, scale: float,
-           window: jax.Array | int = 0, logit_softcap: float = 0.0, implementation: str) -> jax.Array:
-  """Dispatches to the configured implementation."""
-  if implementation == "dot_product":
-    return dot_product_attention(q, k, v, segment_ids, scale, window, logit_softcap)
-  raise ValueError(f"unknown attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
+           window: jax.Array | int = 0, static_window: int = 0, logit_softcap: float = 0.0,
+           implementation: str = "auto") -> jax.Array:
+  """Causal self-attention within segments: q [B, S, H, D], k/v [B, S, K, D] -> [B, S, H, D].
+
+  window is this layer's sliding window (0 = none; may be traced); static_window the model's window size.
+  """
+  implementation = resolve(implementation)
+  if implementation == "xla":
+    out = dot_product_attention(q, k, v, segment_ids, scale, window, logit_softcap)
+  elif implementation == "flash":
+    out = flash_attention(q, k, v, segment_ids, scale, window, static_window, logit_softcap)
+  elif implementation == "cudnn":
+    out = cudnn_attention(q, k, v, segment_ids, scale, window, static_window)
+  else:
+    raise ValueError(f"unknown attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
+  return shard_activation(out, ("activation_batch", "activation_length", "activation_heads", None))

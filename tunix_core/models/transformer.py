@@ -76,7 +76,7 @@ class ModelConfig:
   weight_dtype: Any = jnp.float32
   scan_layers: bool = True
   remat_policy: str = "none"
-  attention: str = "dot_product"
+  attention: str = "auto"
   init_std: float = 0.02
 
   @property
@@ -209,7 +209,7 @@ class Attention(nnx.Module):
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-    attended = attention_lib.attend(q, k, v, segment_ids, scale=scale, window=window,
+    attended = attention_lib.attend(q, k, v, segment_ids, scale=scale, window=window, static_window=cfg.sliding_window,
                                     logit_softcap=cfg.attn_logit_softcap, implementation=cfg.attention)
     out = jnp.einsum("bshd,hde->bse", attended, self.out[...].astype(dt))
     return checkpoint_name(out, "out_proj")
