@@ -22,7 +22,10 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yml"
 
 CHOICES = {
-    "mode": ("sft",),
+    "mode": ("sft", "dpo", "orpo", "simpo"),
+    "peft": ("none", "lora", "qlora"),
+    "qlora_dtype": ("nf4", "int4", "int8"),
+    "dpo_loss": ("sigmoid", "ipo", "hinge", "robust"),
     "decoder_block": ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"),
     "rope_type": ("default", "linear", "llama3"),
     "remat_policy": ("none", "full", "minimal", "save_qkv_proj", "save_out_proj", "save_dot_except_mlp"),
@@ -35,16 +38,16 @@ CHOICES = {
     "learning_rate_schedule": ("cosine", "linear", "constant"),
 }
 ACTIVATION_CHOICES = ("silu", "gelu", "gelu_tanh", "relu", "linear")
-POSITIVE = ("steps", "vocab_size", "base_emb_dim", "base_num_query_heads", "base_num_kv_heads", "head_dim",
+POSITIVE = ("lora_rank", "qlora_tile_size", "dpo_beta", "steps", "vocab_size", "base_emb_dim", "base_num_query_heads", "base_num_kv_heads", "head_dim",
             "base_mlp_dim", "base_num_decoder_layers", "gradient_accumulation_steps", "checkpoint_period",
             "max_num_checkpoints_to_keep", "log_period", "per_device_batch_size", "normalization_layer_epsilon",
             "rope_max_timescale", "stack_trace_interval_seconds")
 NON_NEGATIVE = ("eval_interval", "loss_chunk_size", "sample_max_new_tokens", "learning_rate", "adam_eps",
                 "adam_weight_decay", "gradient_clipping_threshold", "init_weights_std", "seed", "rope_factor",
                 "local_rope_max_timescale", "sliding_window_size", "attn_logits_soft_cap", "final_logits_soft_cap",
-                "query_pre_attn_scalar")
+                "query_pre_attn_scalar", "lora_alpha", "orpo_lambda", "simpo_beta", "simpo_gamma")
 LAYER_TYPES = ("sliding_attention", "full_attention")
-FRACTIONS = ("warmup_steps_fraction", "cosine_learning_rate_final_fraction", "adam_b1", "adam_b2")
+FRACTIONS = ("dpo_label_smoothing", "warmup_steps_fraction", "cosine_learning_rate_final_fraction", "adam_b1", "adam_b2")
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
 
 
@@ -184,6 +187,8 @@ def validate(cfg: dict[str, Any]) -> None:
   for key in ("attn_logits_soft_cap", "final_logits_soft_cap", "query_pre_attn_scalar", "sliding_window_size"):
     if cfg[key] and not gemma_2_3:
       raise UserError(f"{key}={cfg[key]} is a Gemma 2/3 feature; set decoder_block=gemma2 or gemma3, or {key}=0")
+  if cfg["dpo_label_smoothing"] >= 0.5:
+    raise UserError(f"dpo_label_smoothing={cfg['dpo_label_smoothing']}: must be below 0.5 (a flipped label)")
   if cfg["attention"] == "cudnn" and cfg["attn_logits_soft_cap"]:
     raise UserError("attention=cudnn cannot soft-cap attention logits (attn_logits_soft_cap); use flash or xla")
   if not float(cfg["query_pre_attn_scalar"]).is_integer():
