@@ -40,7 +40,7 @@ def test_default_run_end_to_end(tmp_path, capsys):
   run_dir = tmp_path / "default"
   records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
   train_records = [r for r in records if "loss" in r]
-  assert [r["step"] for r in train_records] == [2, 4, 6, 8]
+  assert [r["step"] for r in train_records] == [1, 2, 4, 6, 8]  # the first step always, then every log_period
   assert {"loss", "learning_rate", "grad_norm", "tokens_per_sec", "step_time", "data/truncated"} <= set(
       train_records[0])
   assert train_records[-1]["loss"] < train_records[0]["loss"]

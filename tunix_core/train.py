@@ -26,23 +26,26 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tunix_core import checkpoint, config as config_lib, distributed, export, metrics as metrics_lib, models
 from tunix_core import optimizers
 from tunix_core import sharding
-from tunix_core.data import pipeline, tokenizer as tokenizer_lib
+from tunix_core.data import pipeline, preference, tokenizer as tokenizer_lib
 from tunix_core.errors import UserError
 from tunix_core.generate import sampler
 from tunix_core.models import hf_weights
 from tunix_core.modes import MODES
 
-TrainState = dict[str, Any]  # {"params": pure dict, "opt_state": optax state, "step": int32 scalar}
+# {"params": trainable pure dict, "opt_state": optax state, "step": int32 scalar,
+#  "frozen": weights the step reads but never updates, e.g. {"reference": ...} for DPO}
+TrainState = dict[str, Any]
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
-def state_shardings(abstract_params, param_shardings, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+def state_shardings(abstract_params, param_shardings, frozen_shardings: dict, tx: optax.GradientTransformation,
+                    mesh: Mesh) -> TrainState:
   """Shardings of the whole train state: optimizer moments follow their params, the rest is replicated."""
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
                                         transform_non_params=lambda _: replicated)
-  return {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+  return {"params": param_shardings, "opt_state": opt_shardings, "step": replicated, "frozen": frozen_shardings}
 
 
 def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigDict,
@@ -54,23 +57,23 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigD
   """
   mode = MODES[config.mode]
 
-  def micro_loss(params, micro_batch):
-    out = mode.loss(nnx.merge(graphdef, params), micro_batch, config)
+  def micro_loss(params, frozen, micro_batch):
+    out = mode_loss(mode, graphdef, config, params, frozen, micro_batch)
     return out.loss_sum, out
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-    params = state["params"]
+    params, frozen = state["params"], state["frozen"]
     first = jax.tree.map(lambda x: x[0], batch)
-    metric_shapes = jax.eval_shape(micro_loss, params, first)[1].metrics
+    metric_shapes = jax.eval_shape(micro_loss, params, frozen, first)[1].metrics
     zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.float32(0), jnp.float32(0),
              jax.tree.map(lambda m: jnp.zeros(m.shape, jnp.float32), metric_shapes))
     zeros = (jax.lax.with_sharding_constraint(zeros[0], shardings["params"]), *zeros[1:])
 
     def accumulate(carry, micro_batch):
       grads, loss_sum, weight, extra = carry
-      (micro_sum, out), micro_grads = grad_fn(params, micro_batch)
+      (micro_sum, out), micro_grads = grad_fn(params, frozen, micro_batch)
       grads = jax.tree.map(lambda g, mg: g + mg.astype(jnp.float32), grads, micro_grads)
       extra = jax.tree.map(lambda e, m: e + m.astype(jnp.float32), extra, out.metrics)
       return (grads, loss_sum + micro_sum, weight + out.weight, extra), None
@@ -79,9 +82,10 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigD
     denominator = jnp.where(weight > 0, weight, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, params)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1,
+                 "frozen": frozen}
     step_metrics = {"loss": loss_sum / denominator, "grad_norm": optax.tree.norm(grads),
-                    "learning_rate": schedule(state["step"]), "loss_tokens": weight,
+                    "learning_rate": schedule(state["step"]), mode.WEIGHT_NAME: weight,
                     **{k: v / denominator for k, v in extra.items()}}
     return new_state, step_metrics
 
@@ -90,16 +94,22 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigD
                  donate_argnums=(0,))
 
 
-def make_eval_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigDict, param_shardings,
+def mode_loss(mode, graphdef: nnx.GraphDef, config, params, frozen: dict, batch: dict[str, jax.Array]):
+  """The mode's loss for the policy `params`, with the reference model when the mode needs one."""
+  reference = nnx.merge(graphdef, frozen["reference"]) if mode.needs_reference(config) else None
+  return mode.loss(nnx.merge(graphdef, params), batch, config, reference)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigDict, shardings: TrainState,
                    batch_sharding: NamedSharding) -> Callable:
-  """Jitted (loss_sum, weight) of the mode's loss on one [micro_batch, length] batch."""
+  """Jitted (loss_sum, weight) of the mode's loss on one [micro_batch, length] batch, for (params, frozen)."""
   mode = MODES[config.mode]
 
-  def eval_step(params, batch):
-    out = mode.loss(nnx.merge(graphdef, params), batch, config)
+  def eval_step(params, frozen, batch):
+    out = mode_loss(mode, graphdef, config, params, frozen, batch)
     return out.loss_sum, out.weight
 
-  return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding))
+  return jax.jit(eval_step, in_shardings=(shardings["params"], shardings["frozen"], batch_sharding))
 
 
 def to_device_batch(local: dict[str, np.ndarray], config, sharding_: NamedSharding, accumulate: bool
@@ -119,9 +129,9 @@ def model_flops_per_token(config, num_params: int) -> float:
       num_embedding_params=0 if config.logits_via_embedding else config.vocab_size * config.base_emb_dim)
 
 
-def evaluate(eval_step: Callable, params, batches: list[dict[str, jax.Array]]) -> float:
-  """Token-weighted eval loss over the given batches (one host sync at the end)."""
-  totals = [eval_step(params, batch) for batch in batches]
+def evaluate(eval_step: Callable, state: TrainState, batches: list[dict[str, jax.Array]]) -> float:
+  """Weighted eval loss over the given batches (one host sync at the end)."""
+  totals = [eval_step(state["params"], state["frozen"], batch) for batch in batches]
   loss_sum, weight = jax.device_get((sum(t[0] for t in totals), sum(t[1] for t in totals)))
   return float(loss_sum / max(weight, 1.0))
 
@@ -133,6 +143,7 @@ class Setup(NamedTuple):
   model_config: models.ModelConfig
   graphdef: nnx.GraphDef
   abstract_params: Any
+  needs_reference: bool
   shardings: TrainState
   tx: optax.GradientTransformation
   train_step: Callable
@@ -146,28 +157,35 @@ class Setup(NamedTuple):
     with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
       yield
 
-  def new_state(self, params) -> TrainState:
-    return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  def new_state(self, params, frozen: dict) -> TrainState:
+    return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32), "frozen": frozen}
 
-  def initial_state(self, config, checkpointer: checkpoint.Checkpointer | None, train_iterator) -> TrainState:
-    """Resumes the run's latest checkpoint (moving the iterator too), else loads params (load_parameters_path,
-    then hf_path) or initialises them."""
-    latest = checkpointer.latest_step() if checkpointer else None
-    if latest is not None:
-      abstract = checkpoint.abstract_with_shardings(jax.eval_shape(self.new_state, self.abstract_params),
-                                                    self.shardings)
-      if config.process_index == 0:
-        print(f"resuming {config.run_dir} from step {latest}", flush=True)
-      return checkpointer.restore(latest, abstract, train_iterator)
+  def starting_params(self, config) -> dict:
+    """The weights training starts from: load_parameters_path, else hf_path, else a seeded initialisation."""
     if config.load_parameters_path:
-      params = checkpoint.load_parameters(
+      return checkpoint.load_parameters(
           config.load_parameters_path,
           checkpoint.abstract_with_shardings(self.abstract_params, self.shardings["params"]))
-    elif config.hf_path:
-      params = hf_weights.load(config.hf_path, self.model_config, self.abstract_params, self.shardings["params"])
-    else:
-      params = models.init_params(self.model_config, config.seed, self.shardings["params"])
-    return jax.jit(self.new_state, out_shardings=self.shardings, donate_argnums=(0,))(params)
+    if config.hf_path:
+      return hf_weights.load(config.hf_path, self.model_config, self.abstract_params, self.shardings["params"])
+    return models.init_params(self.model_config, config.seed, self.shardings["params"])
+
+  def initial_state(self, config, checkpointer: checkpoint.Checkpointer | None, train_iterator) -> TrainState:
+    """Resumes the run's latest checkpoint (moving the iterator too), else starts from `starting_params`.
+
+    The frozen weights (DPO's reference: the starting weights) are rebuilt from their source on resume;
+    checkpoints hold only what training changes.
+    """
+    latest = checkpointer.latest_step() if checkpointer else None
+    start = self.starting_params(config) if latest is None or self.needs_reference else None
+    frozen = {"reference": jax.tree.map(jnp.copy, start)} if self.needs_reference else {}
+    if latest is None:
+      return jax.jit(self.new_state, out_shardings=self.shardings, donate_argnums=(0,))(start, frozen)
+    abstract = checkpoint.abstract_with_shardings(
+        jax.eval_shape(self.new_state, self.abstract_params, {}), {**self.shardings, "frozen": {}})
+    if config.process_index == 0:
+      print(f"resuming {config.run_dir} from step {latest}", flush=True)
+    return {**checkpointer.restore(latest, abstract, train_iterator), "frozen": frozen}
 
 
 def build(config: ml_collections.FrozenConfigDict) -> Setup:
@@ -180,16 +198,29 @@ def build(config: ml_collections.FrozenConfigDict) -> Setup:
     abstract_params = nnx.to_pure_dict(abstract_state)
     param_shardings = models.param_shardings(abstract_state, mesh)
   tx = optimizers.build_optimizer(config)
-  shardings = state_shardings(abstract_params, param_shardings, tx, mesh)
+  needs_reference = MODES[config.mode].needs_reference(config)
+  shardings = state_shardings(abstract_params, param_shardings, {"reference": param_shardings} if needs_reference else {},
+                              tx, mesh)
   train_batch_sharding = sharding.batch_sharding(mesh, rules, leading_axes=1)
   eval_batch_sharding = sharding.batch_sharding(mesh, rules)
   return Setup(
       mesh=mesh, rules=rules, model_config=model_config, graphdef=graphdef, abstract_params=abstract_params,
-      shardings=shardings, tx=tx,
+      needs_reference=needs_reference, shardings=shardings, tx=tx,
       train_step=make_train_step(graphdef, config, tx, optimizers.learning_rate_schedule(config), shardings,
                                  train_batch_sharding),
-      eval_step=make_eval_step(graphdef, config, param_shardings, eval_batch_sharding),
+      eval_step=make_eval_step(graphdef, config, shardings, eval_batch_sharding),
       train_batch_sharding=train_batch_sharding, eval_batch_sharding=eval_batch_sharding)
+
+
+PREFERENCE_MODES = ("dpo", "orpo", "simpo")
+
+
+def make_data(config, tokenizer) -> tuple[Any, list[dict]]:
+  """This process's training iterator and eval batches, in the layout the mode expects."""
+  if config.mode in PREFERENCE_MODES:
+    return preference.make_preference_iterator(config, tokenizer), preference.make_preference_eval_batches(
+        config, tokenizer)
+  return pipeline.make_train_iterator(config, tokenizer), pipeline.make_eval_batches(config, tokenizer)
 
 
 def train(config: ml_collections.FrozenConfigDict) -> dict[str, Any]:
@@ -198,8 +229,7 @@ def train(config: ml_collections.FrozenConfigDict) -> dict[str, Any]:
   if tokenizer.vocab_size > config.vocab_size:
     raise UserError(f"tokenizer_path={config.tokenizer_path} has {tokenizer.vocab_size} tokens but "
                     f"vocab_size={config.vocab_size}; set vocab_size >= {tokenizer.vocab_size}")
-  train_iterator = pipeline.make_train_iterator(config, tokenizer)
-  eval_host_batches = pipeline.make_eval_batches(config, tokenizer)
+  train_iterator, eval_host_batches = make_data(config, tokenizer)
   setup = build(config)
   with setup.activate():
     checkpointer = checkpoint.Checkpointer(config) if config.enable_checkpointing else None
@@ -256,14 +286,14 @@ def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_bat
       if pending is not None:
         flush(*pending)
         pending = None
-      if step % config.log_period == 0 or step == config.steps:
+      if step % config.log_period == 0 or step in (start_step + 1, config.steps):
         pending = (step, step_metrics)
       writer.advance(step)
       if eval_batches and ((config.eval_interval and step % config.eval_interval == 0) or step == config.steps):
         if pending is not None:
           flush(*pending)
           pending = None
-        summary["eval_loss"] = evaluate(setup.eval_step, state["params"], eval_batches)
+        summary["eval_loss"] = evaluate(setup.eval_step, state, eval_batches)
         writer.write(step, {"eval/loss": summary["eval_loss"]})
       if checkpointer and (step % config.checkpoint_period == 0 or step == config.steps):
         checkpointer.save(step, state, train_iterator, {"step": step, "run_name": config.run_name})
@@ -281,7 +311,7 @@ def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_bat
 
 def _sample(config, graphdef, params, tokenizer) -> dict[str, str]:
   """Greedy completion of the first eval prompt (or a training prompt when there is no eval set)."""
-  prompt = pipeline.sample_prompt(config)
+  prompt = (preference if config.mode in PREFERENCE_MODES else pipeline).sample_prompt(config)
   ids = pipeline.prompt_ids(config, tokenizer, prompt)
   completion = sampler.greedy_generate(graphdef, params, ids, config.sample_max_new_tokens, tokenizer.eos_id)
   return {"prompt": prompt, "completion": tokenizer.decode(completion)}

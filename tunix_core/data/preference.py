@@ -291,3 +291,9 @@ def make_preference_eval_batches(config: ml_collections.FrozenConfigDict,
       batch_pairs.append(padding if pair is None or pair["drop"] else pair)
     batches.append(_interleave({key: np.stack([p[key] for p in batch_pairs]) for key in FEATURES}))
   return batches
+
+
+def sample_prompt(config: ml_collections.FrozenConfigDict) -> str | list[dict]:
+  """The first eval pair's prompt (the first training pair's without an eval set), for pipeline.prompt_ids."""
+  record = (_make_source(config, "eval") or _make_source(config, "train"))[0]
+  return PreferenceFields.from_config(config).split(record)[0]

@@ -7,7 +7,14 @@ from tunix_core import losses
 from tunix_core.modes.base import LossOutput
 
 
-def loss(model, batch: dict[str, jax.Array], config) -> LossOutput:
+WEIGHT_NAME = "loss_tokens"  # what LossOutput.weight counts (tokens in the loss), as logged
+
+
+def needs_reference(config) -> bool:  # pylint: disable=unused-argument
+  return False
+
+
+def loss(model, batch: dict[str, jax.Array], config, reference=None) -> LossOutput:  # pylint: disable=unused-argument
   """Summed token cross-entropy; the train step divides by the total loss tokens of the whole step."""
   hidden = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
   log_probs = losses.token_log_probs(model.logits, hidden, batch["targets"], config.loss_chunk_size)
