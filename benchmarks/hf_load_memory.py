@@ -30,7 +30,7 @@ before = high_water_mark()
 start = time.perf_counter()
 with setup.activate():
   from tunix_core.models import hf_weights
-  params = hf_weights.load(config.hf_path, setup.model_config, setup.abstract_params, setup.shardings["params"])
+  params = hf_weights.load(config.hf_path, setup.model_config, setup.abstract_params, setup.param_shardings)
   jax.block_until_ready(params)
 seconds = time.perf_counter() - start
 peak = high_water_mark()
@@ -45,7 +45,7 @@ def make_checkpoint(model_name: str, dtype: str, directory: str) -> int:
   setup = train.build(config)
   with setup.activate():
     from tunix_core import models  # pylint: disable=import-outside-toplevel
-    params = models.init_params(setup.model_config, 0, setup.shardings["params"])
+    params = models.init_params(setup.model_config, 0, setup.param_shardings)
     export.write(config, setup.model_config, params, directory, dtype, max_shard_bytes=2**29)
   return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory) if f.endswith(".safetensors"))
 

@@ -3,6 +3,7 @@
   python3 -m tunix_core.export <run_dir | run_dir/checkpoints/<step>> <out_dir> [--dtype D] [--max_shard_size GB]
 
 The result loads with transformers' AutoModelForCausalLM, and with hf_path=<out_dir> here (bit-exactly).
+A LoRA/QLoRA run is exported merged: its adapters folded into the (dequantized) base it started from.
 Training writes the same at its end when export_hf_path= is set.
 """
 
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import yaml
 
-from tunix_core import checkpoint, config as config_lib
+from tunix_core import checkpoint, config as config_lib, peft
 from tunix_core.data import tokenizer as tokenizer_lib
 from tunix_core.errors import UserError
 from tunix_core.models import hf_config, hf_weights
@@ -72,8 +73,14 @@ def export(source: str, out_dir: str, dtype: str | None, max_shard_bytes: int) -
   config = config_lib.load_saved(saved)
   setup = train.build(config)
   with setup.activate():
-    params = checkpoint.load_parameters(
-        params_item, checkpoint.abstract_with_shardings(setup.abstract_params, setup.shardings["params"]))
+    if setup.lora is None:
+      params = checkpoint.load_parameters(
+          params_item, checkpoint.abstract_with_shardings(setup.abstract_params, setup.param_shardings))
+    else:  # the checkpoint holds the adapters; the base comes from where the run started, as in training
+      adapters = checkpoint.load_parameters(
+          params_item, checkpoint.abstract_with_shardings(setup.lora.abstract_trainable, setup.lora.trainable_shardings))
+      base = peft.frozen_from_params(setup.lora, setup.starting_params(config), donate=True)
+      params = peft.merge(setup.lora, base, adapters)
     return write(config, setup.model_config, params, out_dir, dtype, max_shard_bytes)
 
 

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tunix_core import checkpoint, config as config_lib, distributed, export, metrics as metrics_lib, models
-from tunix_core import optimizers
+from tunix_core import optimizers, peft
 from tunix_core import sharding
 from tunix_core.data import pipeline, preference, tokenizer as tokenizer_lib
 from tunix_core.errors import UserError
@@ -95,9 +95,18 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigD
 
 
 def mode_loss(mode, graphdef: nnx.GraphDef, config, params, frozen: dict, batch: dict[str, jax.Array]):
-  """The mode's loss for the policy `params`, with the reference model when the mode needs one."""
-  reference = nnx.merge(graphdef, frozen["reference"]) if mode.needs_reference(config) else None
-  return mode.loss(nnx.merge(graphdef, params), batch, config, reference)
+  """The mode's loss for the policy `params`, with the reference model when the mode needs one.
+
+  With LoRA/QLoRA `params` are the adapters and frozen["base"] the (quantized) base weights; the reference
+  is the same base with the adapters switched off, so no second copy of the weights exists.
+  """
+  if "base" in frozen:
+    policy = nnx.merge(graphdef, frozen["base"], params)
+    reference = nnx.merge(graphdef, frozen["base"], peft.adapters_off(params))
+  else:
+    policy = nnx.merge(graphdef, params)
+    reference = nnx.merge(graphdef, frozen["reference"]) if mode.needs_reference(config) else None
+  return mode.loss(policy, batch, config, reference if mode.needs_reference(config) else None)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigDict, shardings: TrainState,
@@ -141,8 +150,10 @@ class Setup(NamedTuple):
   mesh: Mesh
   rules: tuple
   model_config: models.ModelConfig
-  graphdef: nnx.GraphDef
-  abstract_params: Any
+  graphdef: nnx.GraphDef                 # the plain model (export, sampling)
+  abstract_params: Any                   # the plain model's parameters
+  param_shardings: Any
+  lora: peft.LoraModel | None            # LoRA/QLoRA: the adapted graph, adapters (trained) and base (frozen)
   needs_reference: bool
   shardings: TrainState
   tx: optax.GradientTransformation
@@ -161,14 +172,19 @@ class Setup(NamedTuple):
     return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32), "frozen": frozen}
 
   def starting_params(self, config) -> dict:
-    """The weights training starts from: load_parameters_path, else hf_path, else a seeded initialisation."""
+    """The plain weights training starts from: load_parameters_path, else hf_path, else a seeded init."""
     if config.load_parameters_path:
       return checkpoint.load_parameters(
-          config.load_parameters_path,
-          checkpoint.abstract_with_shardings(self.abstract_params, self.shardings["params"]))
+          config.load_parameters_path, checkpoint.abstract_with_shardings(self.abstract_params, self.param_shardings))
     if config.hf_path:
-      return hf_weights.load(config.hf_path, self.model_config, self.abstract_params, self.shardings["params"])
-    return models.init_params(self.model_config, config.seed, self.shardings["params"])
+      return hf_weights.load(config.hf_path, self.model_config, self.abstract_params, self.param_shardings)
+    return models.init_params(self.model_config, config.seed, self.param_shardings)
+
+  def plain_params(self, state: TrainState) -> dict:
+    """The plain model's parameters of a state (LoRA adapters folded into the base)."""
+    if self.lora is None:
+      return state["params"]
+    return peft.merge(self.lora, state["frozen"]["base"], state["params"])
 
   def initial_state(self, config, checkpointer: checkpoint.Checkpointer | None, train_iterator) -> TrainState:
     """Resumes the run's latest checkpoint (moving the iterator too), else starts from `starting_params`.
@@ -177,12 +193,17 @@ class Setup(NamedTuple):
     checkpoints hold only what training changes.
     """
     latest = checkpointer.latest_step() if checkpointer else None
-    start = self.starting_params(config) if latest is None or self.needs_reference else None
-    frozen = {"reference": jax.tree.map(jnp.copy, start)} if self.needs_reference else {}
+    start = self.starting_params(config) if latest is None or self.needs_reference or self.lora else None
+    if self.lora is not None:
+      frozen = {"base": peft.frozen_from_params(self.lora, start, donate=True)}
+      start = peft.init_adapters(self.lora, config.seed)
+    else:
+      frozen = {"reference": jax.tree.map(jnp.copy, start)} if self.needs_reference else {}
     if latest is None:
       return jax.jit(self.new_state, out_shardings=self.shardings, donate_argnums=(0,))(start, frozen)
+    trainable = self.lora.abstract_trainable if self.lora is not None else self.abstract_params
     abstract = checkpoint.abstract_with_shardings(
-        jax.eval_shape(self.new_state, self.abstract_params, {}), {**self.shardings, "frozen": {}})
+        jax.eval_shape(self.new_state, trainable, {}), {**self.shardings, "frozen": {}})
     if config.process_index == 0:
       print(f"resuming {config.run_dir} from step {latest}", flush=True)
     return {**checkpointer.restore(latest, abstract, train_iterator), "frozen": frozen}
@@ -192,23 +213,30 @@ def build(config: ml_collections.FrozenConfigDict) -> Setup:
   """Mesh, abstract model, shardings, optimizer and the jitted steps (traced on first call, in `activate()`)."""
   mesh = sharding.build_mesh(config)
   rules = sharding.logical_rules(config)
+  peft_config = peft.PeftConfig.from_config(config)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     model_config = models.ModelConfig.from_config(config)
     graphdef, abstract_state = models.abstract_model(model_config)
     abstract_params = nnx.to_pure_dict(abstract_state)
     param_shardings = models.param_shardings(abstract_state, mesh)
+    lora = peft.lora_model(model_config, peft_config, mesh) if peft_config else None
   tx = optimizers.build_optimizer(config)
   needs_reference = MODES[config.mode].needs_reference(config)
-  shardings = state_shardings(abstract_params, param_shardings, {"reference": param_shardings} if needs_reference else {},
-                              tx, mesh)
+  if lora is not None:
+    step_graphdef, trainable, trainable_shardings = lora.graphdef, lora.abstract_trainable, lora.trainable_shardings
+    frozen_shardings = {"base": lora.frozen_shardings}
+  else:
+    step_graphdef, trainable, trainable_shardings = graphdef, abstract_params, param_shardings
+    frozen_shardings = {"reference": param_shardings} if needs_reference else {}
+  shardings = state_shardings(trainable, trainable_shardings, frozen_shardings, tx, mesh)
   train_batch_sharding = sharding.batch_sharding(mesh, rules, leading_axes=1)
   eval_batch_sharding = sharding.batch_sharding(mesh, rules)
   return Setup(
       mesh=mesh, rules=rules, model_config=model_config, graphdef=graphdef, abstract_params=abstract_params,
-      needs_reference=needs_reference, shardings=shardings, tx=tx,
-      train_step=make_train_step(graphdef, config, tx, optimizers.learning_rate_schedule(config), shardings,
+      param_shardings=param_shardings, lora=lora, needs_reference=needs_reference, shardings=shardings, tx=tx,
+      train_step=make_train_step(step_graphdef, config, tx, optimizers.learning_rate_schedule(config), shardings,
                                  train_batch_sharding),
-      eval_step=make_eval_step(graphdef, config, shardings, eval_batch_sharding),
+      eval_step=make_eval_step(step_graphdef, config, shardings, eval_batch_sharding),
       train_batch_sharding=train_batch_sharding, eval_batch_sharding=eval_batch_sharding)
 
 
@@ -302,9 +330,9 @@ def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_bat
 
   summary["steps"] = int(jax.device_get(state["step"]))
   if config.export_hf_path:
-    export.write(config, setup.model_config, state["params"], config.export_hf_path)
+    export.write(config, setup.model_config, setup.plain_params(state), config.export_hf_path)
     summary["export_hf_path"] = config.export_hf_path
-  summary["sample"] = _sample(config, setup.graphdef, state["params"], tokenizer) \
+  summary["sample"] = _sample(config, setup.graphdef, setup.plain_params(state), tokenizer) \
       if config.sample_max_new_tokens else None
   return summary
 

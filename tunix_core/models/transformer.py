@@ -227,10 +227,11 @@ class MLP(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.cfg.dtype
     gate_act, up_act = (ACTIVATIONS[a] for a in self.cfg.mlp_activations)
-    gate = checkpoint_name(x @ self.wi_0[...].astype(dt), "mlpwi_0")
-    up = checkpoint_name(x @ self.wi_1[...].astype(dt), "mlpwi_1")
+    # einsum rather than `@`: qwix attaches LoRA adapters to einsum calls (tunix_core/peft.py).
+    gate = checkpoint_name(jnp.einsum("bse,em->bsm", x, self.wi_0[...].astype(dt)), "mlpwi_0")
+    up = checkpoint_name(jnp.einsum("bse,em->bsm", x, self.wi_1[...].astype(dt)), "mlpwi_1")
     hidden = shard_activation(gate_act(gate) * up_act(up), ("activation_batch", "activation_length", "activation_mlp"))
-    return checkpoint_name(hidden @ self.wo[...].astype(dt), "mlpwo")
+    return checkpoint_name(jnp.einsum("bsm,me->bse", hidden, self.wo[...].astype(dt)), "mlpwo")
 
 
 class DecoderLayer(nnx.Module):
