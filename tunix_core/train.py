@@ -243,6 +243,13 @@ def build(config: ml_collections.FrozenConfigDict) -> Setup:
 PREFERENCE_MODES = ("dpo", "orpo", "simpo")
 
 
+def starting_point(config) -> str:
+  """Where the starting weights come from; with LoRA/QLoRA the base the checkpoint's adapters belong to."""
+  if config.load_parameters_path:
+    return f"load_parameters_path={config.load_parameters_path}"
+  return f"hf_path={config.hf_path}" if config.hf_path else f"init seed={config.seed}"
+
+
 def make_data(config, tokenizer) -> tuple[Any, list[dict]]:
   """This process's training iterator and eval batches, in the layout the mode expects."""
   if config.mode in PREFERENCE_MODES:
@@ -324,7 +331,8 @@ def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_bat
         summary["eval_loss"] = evaluate(setup.eval_step, state, eval_batches)
         writer.write(step, {"eval/loss": summary["eval_loss"]})
       if checkpointer and (step % config.checkpoint_period == 0 or step == config.steps):
-        checkpointer.save(step, state, train_iterator, {"step": step, "run_name": config.run_name})
+        checkpointer.save(step, state, train_iterator, {"step": step, "run_name": config.run_name, "peft": config.peft,
+                                                        "base": starting_point(config)})
     if pending is not None:
       flush(*pending)
 
