@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors.numpy import load_file
 
 from tunix_core import config as config_lib, export, peft, train
+from tunix_core.models import hf_weights
 from tunix_core.data import pipeline, tokenizer as tokenizer_lib
 
 QUICK = ["max_target_length=64", "per_device_batch_size=1", "log_period=1", "sample_max_new_tokens=0",
@@ -57,3 +59,35 @@ def test_dpo_reference_is_the_base_with_adapters_off(tmp_path, peft_kind):
   assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapters start at zero: policy == base
   config, setup = _setup("mode=dpo", f"peft={peft_kind}")
   assert set(setup.shardings["frozen"]) == {"base"}  # no second copy of the weights for the reference
+
+
+def test_adapters_only_export_is_the_merge_in_peft_layout(tmp_path):
+  """base + alpha/r * lora_B @ lora_A, per HF tensor, equals the merged export of the same checkpoint."""
+  run = train.run(["configs/base.yml", "peft=lora", "lora_rank=4", f"base_output_directory={tmp_path}", "steps=2",
+                   *QUICK])
+  export.export(run["run_dir"], str(tmp_path / "merged"), None, 2**30)
+  files = export.export(run["run_dir"], str(tmp_path / "adapters"), None, 2**30, adapters_only=True)
+  assert sorted(files) == ["adapter_config.json", "adapter_model.safetensors"]
+  adapter_config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+  assert adapter_config["r"] == 4 and set(adapter_config["target_modules"]) == {
+      "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+  adapters = load_file(tmp_path / "adapters" / "adapter_model.safetensors")
+  merged = load_file(tmp_path / "merged" / "model.safetensors")
+  config, setup = _setup("peft=lora", "lora_rank=4")
+  with setup.activate():
+    base = jax.device_get(setup.starting_params(config))
+  scale = adapter_config["lora_alpha"] / adapter_config["r"]
+  checked = 0
+  for name, tensor_map in ((m.hf_name, m) for m in hf_weights.layer_maps(setup.model_config)):
+    for layer in range(config.base_num_decoder_layers):
+      prefix = "base_model.model." + name.format(i=layer).removesuffix(".weight")
+      if f"{prefix}.lora_A.weight" not in adapters:
+        continue
+      ours = base["layers"]
+      for key in tensor_map.ours:
+        ours = ours[key]
+      expected = tensor_map.to_hf(ours[layer]) + scale * (adapters[f"{prefix}.lora_B.weight"] @
+                                                          adapters[f"{prefix}.lora_A.weight"])
+      np.testing.assert_allclose(merged[name.format(i=layer)], expected, rtol=1e-5, atol=1e-6)
+      checked += 1
+  assert checked == 7 * config.base_num_decoder_layers

@@ -71,7 +71,7 @@ class TensorMap:
     return np.transpose(block, self.perm)
 
 
-def _layer_maps(cfg: ModelConfig) -> list[TensorMap]:
+def layer_maps(cfg: ModelConfig) -> list[TensorMap]:
   traits = cfg.traits
   prefix = "model.layers.{i}."
   attention_in = (2, 1)     # HF [heads*head_dim, embed] -> ours [embed, heads, head_dim]
@@ -131,7 +131,7 @@ def expected_tensors(cfg: ModelConfig, abstract_params: dict) -> dict[str, tuple
 
 
 def _per_layer(cfg: ModelConfig, abstract_params: dict) -> Iterator[tuple[int, tuple[TensorMap, tuple]]]:
-  for m in _layer_maps(cfg):
+  for m in layer_maps(cfg):
     for i in range(cfg.num_layers):
       layer = abstract_params["layers"] if cfg.scan_layers else abstract_params["layers"][i]
       shape = _get(layer, m.ours).shape
@@ -257,7 +257,7 @@ def load(directory: str, cfg: ModelConfig, abstract_params: dict, shardings: dic
   for m in _global_maps(cfg):
     shape = _get(abstract_params, m.ours).shape
     build(m.ours, lambda index, m=m, shape=shape: m.read(checkpoint, m.hf_name, shape, index))
-  for m in _layer_maps(cfg):
+  for m in layer_maps(cfg):
     if cfg.scan_layers:
       full_shape = _get(abstract_params["layers"], m.ours).shape
 
@@ -280,7 +280,7 @@ def hf_tensors(cfg: ModelConfig, params: dict) -> Iterator[tuple[str, Any]]:
   for m in _global_maps(cfg):
     yield m.hf_name, (m, _get(params, m.ours))
   for i in range(cfg.num_layers):
-    for m in _layer_maps(cfg):
+    for m in layer_maps(cfg):
       if cfg.scan_layers:
         yield m.hf_name.format(i=i), (m, _get(params["layers"], m.ours), i)
       else:
