@@ -118,19 +118,7 @@ class PreferenceFields:
 
 def _make_source(config: ml_collections.FrozenConfigDict, split: str):
   """As sources.make_source, checking records as preference pairs."""
-  fields = PreferenceFields.from_config(config)
-  if config.dataset_type == "tfds":
-    key = "train_split" if split == "train" else "eval_split"
-  else:
-    key = "dataset_path" if split == "train" else "eval_dataset_path"
-  if not config[key]:
-    if split == "eval":
-      return None
-    raise UserError(f"{key} is empty; set it to the preference data to train on")
-  if config.dataset_type == "tfds":
-    return sources.TfdsSource(config.dataset_name, config[key], config.dataset_path, fields)
-  source_class = sources.ParquetSource if config.dataset_type == "parquet" else sources.JsonlSource
-  return source_class(config[key], fields, key)
+  return sources.make_source(config, split, PreferenceFields.from_config(config))
 
 
 class _PairEncoder(_Encoder):

@@ -144,9 +144,13 @@ class TfdsSource:
     return record
 
 
-def make_source(config: ml_collections.FrozenConfigDict, split: str) -> JsonlSource | ParquetSource | TfdsSource | None:
-  """The training (`split="train"`) or evaluation (`split="eval"`) source; None when no eval set is configured."""
-  fields = Fields(config.prompt_field, config.completion_field, config.messages_field)
+def make_source(config: ml_collections.FrozenConfigDict, split: str, fields=None
+                ) -> JsonlSource | ParquetSource | TfdsSource | None:
+  """The training (`split="train"`) or evaluation (`split="eval"`) source; None when no eval set is configured.
+
+  `fields` checks each record (default: SFT's prompt/completion or messages; preference data passes its own).
+  """
+  fields = fields or Fields(config.prompt_field, config.completion_field, config.messages_field)
   if config.dataset_type == "tfds":
     key = "train_split" if split == "train" else "eval_split"
   else:
