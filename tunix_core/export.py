@@ -69,7 +69,7 @@ def write_adapters(config, lora: peft.LoraModel, adapters: dict, out_dir: str) -
   for target in lora.targets:
     layers = range(lora.model_config.num_layers) if target.stacked else [target.path[1]]
     tensor_map = maps[target.path[1:] if target.stacked else target.path[2:]]
-    a_all, b_all = (np.asarray(multihost_utils.process_allgather(_get_path(adapters, p), tiled=True), np.float32)
+    a_all, b_all = (np.asarray(multihost_utils.process_allgather(hf_weights.get_path(adapters, p), tiled=True), np.float32)
                     for p in (target.lora_a, target.lora_b))
     for index, layer in enumerate(layers):
       a, b = (a_all[index], b_all[index]) if target.stacked else (a_all, b_all)
@@ -85,12 +85,6 @@ def write_adapters(config, lora: peft.LoraModel, adapters: dict, out_dir: str) -
                  "target_modules": modules, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
                  "base_model_name_or_path": config.hf_path or None}, f, indent=2)
   return ["adapter_model.safetensors", "adapter_config.json"]
-
-
-def _get_path(tree: dict, path: tuple):
-  for key in path:
-    tree = tree[key]
-  return tree
 
 
 def _run_config(path: str) -> tuple[str, str]:

@@ -46,6 +46,7 @@ from qwix._src.utils import flax_util
 
 from tunix_core import models
 from tunix_core.errors import UserError
+from tunix_core.models.hf_weights import get_path
 from tunix_core.models.transformer import DecoderLayer, ModelConfig
 
 METHODS = ("lora", "qlora")
@@ -378,17 +379,11 @@ def num_adapter_params(lm: LoraModel) -> int:
   return models.num_params(lm.abstract_trainable)
 
 
-def _get(tree: dict, path: tuple):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
 def init_adapters(lm: LoraModel, seed: int) -> dict:
   """Fresh adapters in their shardings: lora_a he-uniform over its fan-in (qwix's default initializer, per
   layer), lora_b zero, so the LoRA model starts as its base. One uniform draw for all (one RNG to compile)."""
   def init() -> dict:
-    shapes = [_get(lm.abstract_trainable, t.lora_a).shape for t in lm.targets]
+    shapes = [get_path(lm.abstract_trainable, t.lora_a).shape for t in lm.targets]
     sizes = [math.prod(shape) for shape in shapes]
     uniform = jax.random.uniform(jax.random.key(seed), (sum(sizes),), jnp.float32, -1.0, 1.0)
     flat, offset = {}, 0
@@ -396,8 +391,8 @@ def init_adapters(lm: LoraModel, seed: int) -> dict:
       fan_in = math.prod(shape[1 if t.stacked else 0:-1])
       a = uniform[offset:offset + size].reshape(shape) * math.sqrt(6.0 / fan_in)
       offset += size
-      flat[t.lora_a] = a.astype(_get(lm.abstract_trainable, t.lora_a).dtype)
-      b = _get(lm.abstract_trainable, t.lora_b)
+      flat[t.lora_a] = a.astype(get_path(lm.abstract_trainable, t.lora_a).dtype)
+      b = get_path(lm.abstract_trainable, t.lora_b)
       flat[t.lora_b] = jnp.zeros(b.shape, b.dtype)
     return traverse_util.unflatten_dict(flat)
 
@@ -458,8 +453,8 @@ def merge(lm: LoraModel, frozen: dict, trainable: dict) -> dict:
         weight = qarray.dequantize(q).astype(jnp.float32)
       else:
         weight = flat[path].astype(jnp.float32)
-      a = _get(trainable, t.lora_a).astype(jnp.float32)
-      b = _get(trainable, t.lora_b).astype(jnp.float32)
+      a = get_path(trainable, t.lora_a).astype(jnp.float32)
+      b = get_path(trainable, t.lora_b).astype(jnp.float32)
       delta = jnp.einsum(t.merge_equation, a, b, precision=jax.lax.Precision.HIGHEST)
       out[path] = (weight + lm.peft.scale * delta).astype(abstract[path].dtype)
     return traverse_util.unflatten_dict(out)

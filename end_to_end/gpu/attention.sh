@@ -4,11 +4,7 @@
 # attention implementation. Prepare here first: bash ../shared/device/wheels.sh  (carry [".whl"]).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1
+source end_to_end/gpu/env.sh
 python3 end_to_end/gpu/check_kernels.py
 python3 benchmarks/attention.py
 for impl in xla cudnn flash; do

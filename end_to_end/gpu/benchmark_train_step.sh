@@ -6,15 +6,9 @@
 # Run on the device:   bash end_to_end/gpu/benchmark_train_step.sh   (with carry [".whl"])
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1
+source end_to_end/gpu/env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-LLAMA_1B="base_emb_dim=2048 base_num_query_heads=32 base_num_kv_heads=8 head_dim=64 base_mlp_dim=8192
-  base_num_decoder_layers=16 vocab_size=128256 rope_max_timescale=500000.0 logits_via_embedding=true
-  dtype=bfloat16 weight_dtype=bfloat16 max_target_length=2048"
+LLAMA_1B="model_name=llama3.2-1b dtype=bfloat16 weight_dtype=bfloat16 max_target_length=2048"
 python3 benchmarks/train_step.py configs/base.yml
 # shellcheck disable=SC2086
 python3 benchmarks/train_step.py --measure_steps 10 configs/base.yml $LLAMA_1B per_device_batch_size=2

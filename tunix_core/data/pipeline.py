@@ -239,6 +239,12 @@ def data_stats(iterator: grain.DatasetIterator) -> dict[str, int]:
   return {"truncated": iterator.truncated, "dropped": iterator.dropped}
 
 
+def eval_batch_count(config: ml_collections.FrozenConfigDict, num_items: int, items_per_batch: int) -> int:
+  """Batches each process evaluates: enough for every item over all processes, at most eval_steps (-1 = all)."""
+  num_batches = math.ceil(num_items / (items_per_batch * config.num_processes))
+  return num_batches if config.eval_steps < 0 else min(num_batches, config.eval_steps)
+
+
 def make_eval_batches(config: ml_collections.FrozenConfigDict, tokenizer: Tokenizer) -> list[dict[str, np.ndarray]]:
   """This process's evaluation batches of config.eval_batch_size rows, in file order; [] without an eval set.
 
@@ -251,9 +257,7 @@ def make_eval_batches(config: ml_collections.FrozenConfigDict, tokenizer: Tokeni
   if not len(source):
     raise UserError(f"{source.name} has no examples; add some or disable evaluation")
   rows, num_processes, length = config.eval_batch_size, config.num_processes, config.max_target_length
-  num_batches = math.ceil(len(source) / (rows * num_processes))
-  if config.eval_steps >= 0:
-    num_batches = min(num_batches, config.eval_steps)
+  num_batches = eval_batch_count(config, len(source), rows)
   encoder = _Encoder(config, tokenizer)
   empty = {"inputs": np.zeros(0, np.int32), "targets": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.float32)}
   batches = []

@@ -26,7 +26,6 @@ Training, in each process: source -> shuffle (seeded, a new order each epoch) ->
 -> count. Without packing the rows of all processes, in process order, are exactly a one-process run's batch.
 """
 
-import math
 
 import grain
 import ml_collections
@@ -34,7 +33,7 @@ import numpy as np
 
 from tunix_core.data import sources
 from tunix_core.data.pipeline import FEATURES, _Counted, _Encoder, _example, _global_index, _padded_row
-from tunix_core.data.pipeline import _ProcessSlice, _SkipDropped, data_stats
+from tunix_core.data.pipeline import _ProcessSlice, _SkipDropped, data_stats, eval_batch_count
 from tunix_core.data.tokenizer import Tokenizer
 from tunix_core.errors import UserError
 
@@ -263,9 +262,7 @@ def make_preference_eval_batches(config: ml_collections.FrozenConfigDict,
   rows, num_processes, length = config.eval_batch_size, config.num_processes, config.max_target_length
   _check_even(config, rows, "eval batch in each process")
   pairs = rows // 2
-  num_batches = math.ceil(len(source) / (pairs * num_processes))
-  if config.eval_steps >= 0:
-    num_batches = min(num_batches, config.eval_steps)
+  num_batches = eval_batch_count(config, len(source), pairs)
   encoder = _PairEncoder(config, tokenizer)
   empty = _padded_row({"inputs": np.zeros(0, np.int32), "targets": np.zeros(0, np.int32),
                        "loss_mask": np.zeros(0, np.float32)}, length)

@@ -110,7 +110,8 @@ def _global_maps(cfg: ModelConfig) -> list[TensorMap]:
   return maps
 
 
-def _get(tree: dict, path: tuple) -> Any:
+def get_path(tree: dict, path: tuple) -> Any:
+  """tree[path[0]][path[1]]... for a nested params dict."""
   for key in path:
     tree = tree[key]
   return tree
@@ -124,7 +125,7 @@ def _set(tree: dict, path: tuple, value: Any) -> None:
 
 def expected_tensors(cfg: ModelConfig, abstract_params: dict) -> dict[str, tuple[int, ...]]:
   """HF tensor name -> shape that a checkpoint of this model must hold."""
-  expected = {m.hf_name: m.hf_shape(_get(abstract_params, m.ours).shape) for m in _global_maps(cfg)}
+  expected = {m.hf_name: m.hf_shape(get_path(abstract_params, m.ours).shape) for m in _global_maps(cfg)}
   for i, (m, our_shape) in _per_layer(cfg, abstract_params):
     expected[m.hf_name.format(i=i)] = m.hf_shape(our_shape)
   return expected
@@ -134,7 +135,7 @@ def _per_layer(cfg: ModelConfig, abstract_params: dict) -> Iterator[tuple[int, t
   for m in layer_maps(cfg):
     for i in range(cfg.num_layers):
       layer = abstract_params["layers"] if cfg.scan_layers else abstract_params["layers"][i]
-      shape = _get(layer, m.ours).shape
+      shape = get_path(layer, m.ours).shape
       yield i, (m, shape[1:] if cfg.scan_layers else shape)
 
 
@@ -242,8 +243,8 @@ def load(directory: str, cfg: ModelConfig, abstract_params: dict, shardings: dic
   params: dict = {}
 
   def build(path: tuple, reader) -> None:
-    spec = _get(abstract_params, path)
-    sharding = _get(shardings, path)
+    spec = get_path(abstract_params, path)
+    sharding = get_path(shardings, path)
     cache: dict = {}
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
@@ -255,11 +256,11 @@ def load(directory: str, cfg: ModelConfig, abstract_params: dict, shardings: dic
     _set(params, path, jax.make_array_from_callback(spec.shape, sharding, callback))
 
   for m in _global_maps(cfg):
-    shape = _get(abstract_params, m.ours).shape
+    shape = get_path(abstract_params, m.ours).shape
     build(m.ours, lambda index, m=m, shape=shape: m.read(checkpoint, m.hf_name, shape, index))
   for m in layer_maps(cfg):
     if cfg.scan_layers:
-      full_shape = _get(abstract_params["layers"], m.ours).shape
+      full_shape = get_path(abstract_params["layers"], m.ours).shape
 
       def read_layers(index, m=m, full_shape=full_shape):
         layers = range(*index[0].indices(full_shape[0]))
@@ -269,7 +270,7 @@ def load(directory: str, cfg: ModelConfig, abstract_params: dict, shardings: dic
       build(("layers", *m.ours), read_layers)
     else:
       for i in range(cfg.num_layers):
-        shape = _get(abstract_params["layers"][i], m.ours).shape
+        shape = get_path(abstract_params["layers"][i], m.ours).shape
         build(("layers", i, *m.ours),
               lambda index, m=m, i=i, shape=shape: m.read(checkpoint, m.hf_name.format(i=i), shape, index))
   return params
@@ -278,13 +279,13 @@ def load(directory: str, cfg: ModelConfig, abstract_params: dict, shardings: dic
 def hf_tensors(cfg: ModelConfig, params: dict) -> Iterator[tuple[str, Any]]:
   """(HF name, our array or its layer slice) for every tensor, in checkpoint order; arrays stay lazy."""
   for m in _global_maps(cfg):
-    yield m.hf_name, (m, _get(params, m.ours))
+    yield m.hf_name, (m, get_path(params, m.ours))
   for i in range(cfg.num_layers):
     for m in layer_maps(cfg):
       if cfg.scan_layers:
-        yield m.hf_name.format(i=i), (m, _get(params["layers"], m.ours), i)
+        yield m.hf_name.format(i=i), (m, get_path(params["layers"], m.ours), i)
       else:
-        yield m.hf_name.format(i=i), (m, _get(params["layers"][i], m.ours))
+        yield m.hf_name.format(i=i), (m, get_path(params["layers"][i], m.ours))
 
 
 def save(cfg: ModelConfig, params: dict, directory: str, dtype: Any, max_shard_bytes: int) -> list[str]:
