@@ -42,6 +42,7 @@ def benchmark(argv: list[str], measure_steps: int, warmup_steps: int) -> dict[st
       jax.block_until_ready(step_metrics)
       times.append(time.perf_counter() - start)
   step_time = statistics.median(times)
+  memory = jax.devices()[0].memory_stats() or {}  # None on CPU
   tokens = config.global_batch_size * config.max_target_length
   n_params = models.num_params(setup.abstract_params)
   flops = train.model_flops_per_token(config, n_params)
@@ -52,7 +53,8 @@ def benchmark(argv: list[str], measure_steps: int, warmup_steps: int) -> dict[st
           "batch": f"{config.global_batch_size} x {config.max_target_length}", "first step (compile) s": compile_and_first,
           "step ms (median)": 1000 * step_time, "step ms (min)": 1000 * min(times),
           "tokens/s": tokens_per_sec, "TFLOP/s/device": tokens_per_sec * flops / config.num_devices / 1e12,
-          "MFU": utilisation if utilisation is not None else float("nan"), "final loss": float(step_metrics["loss"])}
+          "MFU": utilisation if utilisation is not None else float("nan"), "final loss": float(step_metrics["loss"]),
+          "peak device GiB": memory.get("peak_bytes_in_use", float("nan")) / 2**30}
 
 
 def main() -> None:

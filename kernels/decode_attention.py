@@ -4,12 +4,10 @@ Where it runs
   GPU  Pallas' Triton lowering (`interpret=False`). The kernel sticks to what that lowering documents:
        power-of-two tensor sizes for loads/stores/dots, dots with M, N, K >= 16 (the GQA group is padded to
        16 rows), no scalar prefetch (lengths and the window are read as 0-d blocks), loops with dynamic bounds
-       (scf.for). NOTE: GPU compilation is UNTESTED here (no GPU): only interpret mode runs in the tests.
-       The Triton lowering itself was checked on CPU by lowering for an abstract H100
-       (jax.sharding.AbstractDevice + `.lower(lowering_platforms=("cuda",))`), which emits the Triton IR
-       (scf.for over 128x128 bf16 K/V tiles, 16x128 tt.dot), but PTX compilation and execution were not run.
-       Run tests/test_decode_attention.py with JAX_PLATFORMS=cuda on a GPU to check it. jax 0.11 warns that the
-       Pallas Triton backend is deprecated (in favour of Mosaic GPU).
+       (scf.for). Compiled and run on an H100 (jax 0.11.2, 2026-11-26): it matches XLA attention's last row in
+       bf16 (relative error <= 7.6e-3) at head_dim 64/128/256, GQA 2:1, a 512-key window and a soft-cap
+       (end_to_end/gpu/check_kernels.py). Its speed is measured through the sampler (benchmarks/sampler.py).
+       jax 0.11 warns that the Pallas Triton backend is deprecated (in favour of Mosaic GPU).
   CPU  the same kernel in Pallas interpret mode (`interpret=True`; slow, meant for tests).
   TPU  not implemented: raises NotImplementedError (no Mosaic version yet).
   `interpret=None` picks by `jax.default_backend()`: gpu -> compiled, cpu -> interpret, tpu -> error.

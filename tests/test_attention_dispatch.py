@@ -18,10 +18,14 @@ CFG = ModelConfig(vocab_size=64, emb_dim=32, num_heads=4, num_kv_heads=2, head_d
                   attn_logit_softcap=3.0, init_std=0.3, attention="xla")
 
 
-def test_auto_is_xla_on_cpu_and_flash_elsewhere():
-  assert attention_lib.resolve("auto", "cpu") == "xla"
-  assert attention_lib.resolve("auto", "gpu") == "flash" and attention_lib.resolve("auto", "tpu") == "flash"
-  assert attention_lib.resolve("cudnn", "cpu") == "cudnn"
+def test_auto_follows_the_measured_rule():
+  assert attention_lib.resolve("auto", "cpu") == "xla" and attention_lib.resolve("auto", "tpu") == "xla"
+  assert attention_lib.resolve("auto", "gpu", jnp.bfloat16) == "cudnn"
+  assert attention_lib.resolve("auto", "gpu", jnp.float16) == "cudnn"
+  # cuDNN has no soft-capping and no float32 path: our kernel covers both.
+  assert attention_lib.resolve("auto", "gpu", jnp.bfloat16, logit_softcap=50.0) == "flash"
+  assert attention_lib.resolve("auto", "gpu", jnp.float32) == "flash"
+  assert attention_lib.resolve("cudnn", "cpu") == "cudnn" and attention_lib.resolve("xla", "gpu") == "xla"
 
 
 def test_flash_model_matches_xla_model_with_gradients():

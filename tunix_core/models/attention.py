@@ -3,7 +3,9 @@
   xla    plain XLA einsums (materialises [S, S] scores per head; the reference for the others)
   flash  our Pallas kernel (kernels/flash_attention.py): GPU Triton lowering, TPU Mosaic, CPU interpret
   cudnn  jax.nn.dot_product_attention(implementation="cudnn"), NVIDIA GPUs only, no soft-capping
-  auto   flash on GPU and TPU, xla on CPU (where Pallas only runs interpreted)
+  auto   what benchmarks/RESULTS.md measured fastest among the correct options: cudnn on NVIDIA GPUs for bf16/fp16
+         without soft-capping (flash there otherwise: Gemma 2, float32), xla on CPU (where Pallas only runs
+         interpreted) and on TPU (the Mosaic lowering of our kernel is untested on TPU hardware)
 
 The model passes each layer's window as a traced value (layers are scanned) plus the model's one static
 window size; kernels that need a static window branch on it with lax.cond.
@@ -19,12 +21,21 @@ from tunix_core.sharding import logical_to_spec, shard_activation
 IMPLEMENTATIONS = ("auto", "xla", "flash", "cudnn")
 
 
-def resolve(implementation: str, platform: str | None = None) -> str:
-  """The implementation `auto` stands for on this platform (others are returned as they are)."""
+def resolve(implementation: str, platform: str | None = None, dtype=jnp.bfloat16, logit_softcap: float = 0.0) -> str:
+  """The implementation `auto` stands for on this platform and call (others are returned as they are).
+
+  On an H100 (benchmarks/RESULTS.md, 2026-11-26) cuDNN beat our kernel at every attention shape timed (fwd+bwd
+  420 vs 318 TFLOP/s at causal B2 S4k H16 D128, 346 vs 176 at D256) and tied it in the Llama-3.2-1B train step
+  with packed rows (88.0 vs 87.2 ms), so it is the GPU default wherever it applies; it has no soft-capping and
+  needs half-precision inputs.
+  """
   if implementation != "auto":
     return implementation
   platform = platform or jax.devices()[0].platform
-  return "xla" if platform == "cpu" else "flash"
+  if platform == "gpu":
+    half = jnp.dtype(dtype).itemsize == 2
+    return "cudnn" if half and not logit_softcap else "flash"
+  return "xla"
 
 
 def attention_mask(segment_ids: jax.Array, window: jax.Array | int = 0) -> jax.Array:
@@ -107,7 +118,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, 
 
   window is this layer's sliding window (0 = none; may be traced); static_window the model's window size.
   """
-  implementation = resolve(implementation)
+  implementation = resolve(implementation, dtype=q.dtype, logit_softcap=logit_softcap)
   if implementation == "xla":
     out = dot_product_attention(q, k, v, segment_ids, scale, window, logit_softcap)
   elif implementation == "flash":
