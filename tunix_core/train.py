@@ -29,6 +29,7 @@ from tunix_core import sharding
 from tunix_core.data import pipeline, preference, tokenizer as tokenizer_lib
 from tunix_core.errors import UserError
 from tunix_core.generate import sampler
+from tunix_core.generate.sampling import SamplingParams
 from tunix_core.models import hf_weights
 from tunix_core.modes import MODES
 
@@ -349,8 +350,9 @@ def _sample(config, graphdef, params, tokenizer) -> dict[str, str]:
   """Greedy completion of the first eval prompt (or a training prompt when there is no eval set)."""
   prompt = (preference if config.mode in PREFERENCE_MODES else pipeline).sample_prompt(config)
   ids = pipeline.prompt_ids(config, tokenizer, prompt)
-  completion = sampler.greedy_generate(graphdef, params, ids, config.sample_max_new_tokens, tokenizer.eos_id)
-  return {"prompt": prompt, "completion": tokenizer.decode(completion)}
+  greedy = SamplingParams(max_new_tokens=config.sample_max_new_tokens, eos_ids=sampler.eos_ids_of(tokenizer))
+  completion = sampler.Sampler(graphdef, params, tokenizer, batch_size=1).generate([ids], greedy)[0][0]
+  return {"prompt": prompt, "completion": completion.text}
 
 
 def run(argv: list[str]) -> dict[str, Any]:

@@ -1,43 +1,158 @@
-"""Greedy generation for one prompt, used for the sample completion at the end of a run.
+"""The sampler every generation goes through: RL rollouts, evaluation, the end-of-run sample, the CLI.
 
-Each new token re-runs the model over a fixed-size buffer (prompt + new tokens), so the whole loop is
-one compiled program with no KV cache; causal masking keeps the not-yet-written tail from influencing
-earlier positions. It is meant for short samples from small models.
+`sample_arrays` is the compiled core: padded prompts -> batched prefill -> a lax.while_loop of decode steps
+against a preallocated KV cache, each row stopping at an EOS id, a stop sequence or max_new_tokens, and the
+loop ending as soon as every row is done. `Sampler` is the host-side front end: token-id prompts in,
+`Completion`s out, with prompts batched, padded to length buckets (one compile per bucket and setting), and
+n samples per prompt or beam search.
 """
 
 from collections.abc import Sequence
-from functools import partial
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from tunix_core.generate import beam, engine
+from tunix_core.generate.sampling import SamplingParams, choose, hits_stop, row_keys
 
-@partial(jax.jit, static_argnames=("graphdef", "prompt_length", "eos_id"))
-def _greedy(graphdef: nnx.GraphDef, params, buffer: jax.Array, prompt_length: int, eos_id: int) -> jax.Array:
-  model = nnx.merge(graphdef, params)
-  length = buffer.shape[1]
-  positions = jnp.arange(length, dtype=jnp.int32)[None]
-  segment_ids = jnp.ones((1, length), jnp.int32)
-
-  def step(index, carry):
-    tokens, done = carry
-    hidden = model.hidden_states(tokens, positions, segment_ids)
-    next_token = jnp.argmax(model.logits(hidden[:, index - 1]), axis=-1).astype(tokens.dtype)
-    next_token = jnp.where(done, eos_id, next_token)
-    return tokens.at[:, index].set(next_token), done | (next_token == eos_id)
-
-  tokens, _ = jax.lax.fori_loop(prompt_length, length, step, (buffer, jnp.zeros((1,), jnp.bool_)))
-  return tokens
+FINISH_REASONS = ("length", "stop")  # index = the finish code the compiled loops return
 
 
-def greedy_generate(graphdef: nnx.GraphDef, params, prompt_ids: Sequence[int], max_new_tokens: int,
-                    eos_id: int) -> list[int]:
-  """The greedily generated continuation of prompt_ids (without the prompt), cut at the first EOS."""
-  buffer = jnp.zeros((1, len(prompt_ids) + max_new_tokens), jnp.int32).at[0, :len(prompt_ids)].set(
-      jnp.asarray(prompt_ids, jnp.int32))
-  # Gathered from every process: with several processes the result may live partly on other hosts.
-  tokens = multihost_utils.process_allgather(_greedy(graphdef, params, buffer, len(prompt_ids), eos_id), tiled=True)
-  tokens = tokens[0, len(prompt_ids):].tolist()
-  return tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
+@dataclasses.dataclass
+class Completion:
+  """One generated sequence. token_ids include the EOS / stop-sequence tokens that ended it; text leaves EOS out.
+  logprobs are under the temperature-scaled distribution (beam search and greedy: the raw model), raw_logprobs
+  under the raw model."""
+  token_ids: list[int]
+  text: str
+  logprobs: list[float]
+  raw_logprobs: list[float]
+  finish_reason: str          # "stop" (EOS or a stop sequence) or "length" (max_new_tokens)
+  length: int
+  prompt_index: int
+  sample_index: int
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "cache_length", "pad_id"))
+def sample_arrays(graphdef: nnx.GraphDef, weights, tokens: jax.Array, mask: jax.Array, row_ids: jax.Array,
+                  seed: jax.Array, *, sampling: SamplingParams, cache_length: int, pad_id: int) -> dict[str, jax.Array]:
+  """Generates for padded prompts tokens/mask [B, P] (any padding side). row_ids [B] name each row's random
+  stream together with seed. Returns tokens [B, N] (pad_id after the end), logprobs and raw_logprobs [B, N]
+  (0 after the end), lengths [B] and finish [B] (an index into FINISH_REASONS)."""
+  model = nnx.merge(graphdef, weights)
+  tokens, lengths = engine.compact(tokens, mask)
+  batch, steps = tokens.shape[0], sampling.max_new_tokens
+
+  def record(state, logits, step):
+    new, scaled, raw = choose(logits, row_keys(seed, row_ids, step), sampling)
+    active = jnp.logical_not(state["done"])
+    out = state["tokens"].at[:, step].set(jnp.where(active, new, pad_id))
+    stopped = active & hits_stop(out, step, sampling)
+    return {"tokens": out,
+            "logprobs": state["logprobs"].at[:, step].set(jnp.where(active, scaled, 0.0)),
+            "raw_logprobs": state["raw_logprobs"].at[:, step].set(jnp.where(active, raw, 0.0)),
+            "lengths": state["lengths"] + active.astype(jnp.int32),
+            "done": state["done"] | stopped, "stopped": state["stopped"] | stopped,
+            "cache": state["cache"], "step": jnp.asarray(step + 1, jnp.int32)}
+
+  logits, cache = engine.prefill(model, tokens, lengths, cache_length)
+  zeros = jnp.zeros((batch, steps), jnp.float32)
+  no = jnp.zeros((batch,), bool)
+  state = record({"tokens": jnp.full((batch, steps), pad_id, jnp.int32), "logprobs": zeros, "raw_logprobs": zeros,
+                  "lengths": jnp.zeros((batch,), jnp.int32), "done": no, "stopped": no, "cache": cache}, logits, 0)
+
+  def not_finished(state):
+    return (state["step"] < steps) & jnp.logical_not(jnp.all(state["done"]))
+
+  def step(state):
+    position = state["step"] - 1  # the last recorded token goes in next
+    fed = state["tokens"][:, position]
+    logits, cache = engine.decode(model, fed, lengths + position, state["cache"])
+    return record({**state, "cache": cache}, logits, state["step"])
+
+  state = jax.lax.while_loop(not_finished, step, state)
+  return {"tokens": state["tokens"], "logprobs": state["logprobs"], "raw_logprobs": state["raw_logprobs"],
+          "lengths": state["lengths"], "finish": state["stopped"].astype(jnp.int32)}
+
+
+def eos_ids_of(tokenizer) -> tuple[int, ...]:
+  """The tokenizer's EOS id, as the default set of ids that end a completion."""
+  return () if tokenizer is None or tokenizer.eos_id is None else (int(tokenizer.eos_id),)
+
+
+def _fetch(tree):
+  # With several processes the rows may live partly on other hosts.
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
+class Sampler:
+  """Token-id prompts in, Completions out. Call it under the mesh and logical rules the weights live in.
+
+  Rows (prompts x num_samples; for beam search prompts) go in batches of `batch_size` (rounded up to a multiple
+  of the mesh's batch shards), the last one filled up with copies; each batch's prompts are padded to the first of `prefill_buckets` that fits them.
+  """
+
+  def __init__(self, graphdef: nnx.GraphDef, weights, tokenizer=None, *, batch_size: int = 16,
+               prefill_buckets: Sequence[int] = engine.DEFAULT_BUCKETS, pad_id: int | None = None):
+    self.graphdef, self.weights, self.tokenizer = graphdef, weights, tokenizer
+    self.batch_size = batch_size
+    self.prefill_buckets = tuple(prefill_buckets)
+    self.pad_id = pad_id if pad_id is not None else int(getattr(tokenizer, "pad_id", 0) or 0)
+
+  def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, seed: int = 0
+               ) -> list[list[Completion]]:
+    """sampling.num_samples completions per prompt (each a non-empty list of token ids), in prompt order.
+    The same seed gives the same completions, whatever the batch size."""
+    if any(len(p) == 0 for p in prompts):
+      raise ValueError("every prompt needs at least one token")
+    searching = sampling.beam_width > 1
+    rows = [(p, 0 if searching else s) for p in range(len(prompts))
+            for s in range(1 if searching else sampling.num_samples)]
+    results: list[list[Completion]] = [[] for _ in prompts]
+    # The compiled loops never read num_samples: one compile serves every group size.
+    compiled_sampling = dataclasses.replace(sampling, num_samples=1)
+    shards = engine.batch_shards()
+    batch_size = -(-self.batch_size // shards) * shards
+    for start in range(0, len(rows), batch_size):
+      chunk = rows[start:start + batch_size]
+      padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+      longest = max(len(prompts[p]) for p, _ in padded)
+      width = engine.bucket(longest, self.prefill_buckets)
+      tokens = np.full((len(padded), width), self.pad_id, np.int32)
+      mask = np.zeros((len(padded), width), bool)
+      for i, (p, _) in enumerate(padded):
+        tokens[i, :len(prompts[p])] = prompts[p]
+        mask[i, :len(prompts[p])] = True
+      length = engine.cache_length(width, sampling.max_new_tokens)
+      if searching:
+        out = _fetch(beam.beam_arrays(self.graphdef, self.weights, tokens, mask, sampling=compiled_sampling,
+                                      cache_length=length, pad_id=self.pad_id))
+        for i, (p, _) in enumerate(chunk):
+          for s in range(sampling.num_samples):
+            results[p].append(self._completion(out, (i, s), p, s, sampling.eos_ids, scaled="raw_logprobs"))
+      else:
+        row_ids = np.asarray([p * sampling.num_samples + s for p, s in padded], np.int32)
+        out = _fetch(sample_arrays(self.graphdef, self.weights, tokens, mask, row_ids, np.uint32(seed),
+                                   sampling=compiled_sampling, cache_length=length, pad_id=self.pad_id))
+        for i, (p, s) in enumerate(chunk):
+          results[p].append(self._completion(out, i, p, s, sampling.eos_ids))
+    return results
+
+  def _completion(self, out: dict, index, prompt_index: int, sample_index: int, eos_ids: tuple[int, ...],
+                  scaled: str = "logprobs") -> Completion:
+    n = int(out["lengths"][index])
+    ids = [int(t) for t in out["tokens"][index][:n]]
+    text_ids = [t for t in ids if t not in eos_ids]
+    return Completion(
+        token_ids=ids, text=self.tokenizer.decode(text_ids) if self.tokenizer is not None else "",
+        logprobs=[float(x) for x in out[scaled][index][:n]],
+        raw_logprobs=[float(x) for x in out["raw_logprobs"][index][:n]],
+        finish_reason=FINISH_REASONS[int(out["finish"][index])], length=n, prompt_index=prompt_index,
+        sample_index=sample_index)

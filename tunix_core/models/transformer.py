@@ -8,7 +8,7 @@ head_dim, mlp, vocab, layers); the config's logical_axis_rules place them on the
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from tunix_core.models import attention as attention_lib
+from tunix_core.models import attention as attention_lib, cached_attention
 from tunix_core.sharding import shard_activation
 
 REMAT_POLICIES = ("none", "full", "minimal", "save_qkv_proj", "save_out_proj", "save_dot_except_mlp")
@@ -170,6 +170,28 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+class KVCache(NamedTuple):
+  """Keys and values of every layer, preallocated for generation: each [L, B, T, K, D] when the layers are
+  scanned, else a tuple of L arrays [B, T, K, D] (separate buffers, each updated in place)."""
+  key: Any
+  value: Any
+
+
+class LayerCache(NamedTuple):
+  """One layer's view of a KVCache: the arrays it updates, the entries each row already holds, and (for a
+  stacked cache) which layer it is."""
+  key: jax.Array
+  value: jax.Array
+  lengths: jax.Array          # int32 [B]: cached entries per row = the position of a decoded token
+  index: jax.Array | None     # this layer's row of a stacked cache; None for a per-layer array
+
+  def layer(self, array: jax.Array) -> jax.Array:
+    return array if self.index is None else array[self.index]
+
+
+CACHE_AXES = ("activation_batch", None, "activation_kv_heads", None)
+
+
 class Attention(nnx.Module):
   """Grouped-query self-attention with rotary embeddings; attention never crosses segments."""
 
@@ -190,7 +212,8 @@ class Attention(nnx.Module):
       self.key_norm = RMSNorm(d, cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, inv_freq: jax.Array,
-               window: jax.Array) -> jax.Array:
+               window: jax.Array, cache: LayerCache | None = None):
+    """Attention output [B, S, E]; with a cache also the updated LayerCache (see Transformer.hidden_states)."""
     cfg = self.cfg
     dt = cfg.dtype
     q = jnp.einsum("bse,ehd->bshd", x, self.query[...].astype(dt))
@@ -209,10 +232,41 @@ class Attention(nnx.Module):
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-    attended = attention_lib.attend(q, k, v, segment_ids, scale=scale, window=window, static_window=cfg.sliding_window,
-                                    logit_softcap=cfg.attn_logit_softcap, implementation=cfg.attention)
+    if cache is not None and q.shape[1] == 1:
+      attended, cache = self._decode(q, k, v, cache, scale, window)
+    else:
+      attended = attention_lib.attend(q, k, v, segment_ids, scale=scale, window=window,
+                                      static_window=cfg.sliding_window, logit_softcap=cfg.attn_logit_softcap,
+                                      implementation=cfg.attention)
+      if cache is not None:
+        cache = self._store_prefill(k, v, cache)
     out = jnp.einsum("bshd,hde->bse", attended, self.out[...].astype(dt))
-    return checkpoint_name(out, "out_proj")
+    out = checkpoint_name(out, "out_proj")
+    return out if cache is None else (out, cache)
+
+  @staticmethod
+  def _store_prefill(k: jax.Array, v: jax.Array, cache: LayerCache) -> LayerCache:
+    """A prefill fills an empty cache from entry 0 (its chunk attended to itself above, as in training)."""
+    def store(array, new):
+      new = new.astype(array.dtype)
+      if cache.index is None:
+        return jax.lax.dynamic_update_slice(array, new, (0, 0, 0, 0))
+      return jax.lax.dynamic_update_slice(array, new[None], (cache.index, 0, 0, 0, 0))
+    return cache._replace(key=store(cache.key, k), value=store(cache.value, v))
+
+  def _decode(self, q, k, v, cache: LayerCache, scale: float, window) -> tuple[jax.Array, LayerCache]:
+    """One new token per row: its k/v are scattered in place at entry `lengths`, then it attends to entries
+    0 .. lengths (the last `window` of them on sliding layers)."""
+    cfg = self.cfg
+    rows = jnp.arange(q.shape[0])
+    where = (rows, cache.lengths) if cache.index is None else (cache.index, rows, cache.lengths)
+    key = cache.key.at[where].set(k[:, 0].astype(cache.key.dtype), mode="drop")
+    value = cache.value.at[where].set(v[:, 0].astype(cache.value.dtype), mode="drop")
+    cache = cache._replace(key=key, value=value)
+    attended = cached_attention.attend_one(
+        q[:, 0], cache.layer(key), cache.layer(value), cache.lengths + 1, scale=scale, window=window,
+        logit_softcap=cfg.attn_logit_softcap, implementation=cfg.attention)
+    return attended[:, None], cache
 
 
 class MLP(nnx.Module):
@@ -248,12 +302,16 @@ class DecoderLayer(nnx.Module):
       self.post_mlp_norm = RMSNorm(cfg.emb_dim, cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, inv_freq: jax.Array,
-               window: jax.Array) -> jax.Array:
-    attended = self.attention(self.attention_norm(x), positions, segment_ids, inv_freq, window)
+               window: jax.Array, cache: LayerCache | None = None):
+    """The block's output; with a cache also the attention's updated LayerCache."""
+    attended = self.attention(self.attention_norm(x), positions, segment_ids, inv_freq, window, cache)
+    if cache is not None:
+      attended, cache = attended
     x = x + (self.post_attention_norm(attended) if self.sandwich else attended)
     transformed = self.mlp(self.mlp_norm(x))
     x = x + (self.post_mlp_norm(transformed) if self.sandwich else transformed)
-    return shard_activation(x, ("activation_batch", "activation_length", "activation_embed"))
+    x = shard_activation(x, ("activation_batch", "activation_length", "activation_embed"))
+    return x if cache is None else (x, cache)
 
 
 def remat_policy(name: str):
@@ -302,11 +360,32 @@ class Transformer(nnx.Module):
       x = x * jnp.asarray(math.sqrt(cfg.emb_dim), cfg.weight_dtype)
     return x.astype(cfg.dtype)
 
-  def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """Final-norm hidden states [B, S, E] in the compute dtype (the head is applied separately, in chunks)."""
+  def init_cache(self, batch: int, length: int) -> KVCache:
+    """An empty KV cache for `batch` rows of up to `length` tokens, in the compute dtype, sharded by the logical
+    rules (batch over data/fsdp, kv heads over tensor). Call it inside jit."""
+    cfg = self.cfg
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.scan_layers:
+      def zeros():
+        return shard_activation(jnp.zeros((cfg.num_layers, *shape), cfg.dtype), (None, *CACHE_AXES))
+    else:
+      def zeros():
+        return tuple(shard_activation(jnp.zeros(shape, cfg.dtype), CACHE_AXES) for _ in range(cfg.num_layers))
+    return KVCache(zeros(), zeros())
+
+  def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                    cache: KVCache | None = None, cache_lengths: jax.Array | None = None):
+    """Final-norm hidden states [B, S, E] in the compute dtype (the head is applied separately, in chunks).
+
+    With a cache (generation) it returns (hidden states, updated cache), in one of two ways chosen by S:
+    S > 1 is a prefill from position 0 into an empty cache (attention within the chunk, exactly as training;
+    padding gets its own segment id), S == 1 decodes one token per row at entry `cache_lengths` [B].
+    """
     cfg = self.cfg
     x = shard_activation(self.embed(tokens), ("activation_batch", "activation_length", "activation_embed"))
     inv_freq, windows = jnp.asarray(cfg.inv_frequencies()), jnp.asarray(cfg.windows())
+    if cache is not None:
+      return self._cached_layers(x, positions, segment_ids, inv_freq, windows, cache, cache_lengths)
     if cfg.scan_layers:
       graphdef, stacked_state = nnx.split(self.layers)
 
@@ -320,6 +399,33 @@ class Transformer(nnx.Module):
       for i, layer in enumerate(self.layers):
         x = self._run_layer(layer, x, positions, segment_ids, inv_freq[i], windows[i])
     return self.final_norm(x)
+
+  def _cached_layers(self, x, positions, segment_ids, inv_freq, windows, cache: KVCache, lengths: jax.Array
+                     ) -> tuple[jax.Array, KVCache]:
+    """The layers with a KV cache (no rematerialisation: nothing is differentiated). A stacked cache rides in
+    the scan's carry so that each layer's update is in place rather than a copy of the whole cache."""
+    if self.cfg.scan_layers:
+      graphdef, stacked_state = nnx.split(self.layers)
+
+      def body(carry, per_layer):
+        x, key, value = carry
+        layer_state, layer_inv_freq, window, index = per_layer
+        layer = nnx.merge(graphdef, layer_state)
+        x, updated = layer(x, positions, segment_ids, layer_inv_freq, window,
+                           LayerCache(key, value, lengths, index))
+        return (x, updated.key, updated.value), None
+
+      layer_ids = jnp.arange(self.cfg.num_layers)
+      (x, key, value), _ = jax.lax.scan(body, (x, cache.key, cache.value),
+                                        (stacked_state, inv_freq, windows, layer_ids))
+      return self.final_norm(x), KVCache(key, value)
+    keys, values = [], []
+    for i, layer in enumerate(self.layers):
+      x, updated = layer(x, positions, segment_ids, inv_freq[i], windows[i],
+                         LayerCache(cache.key[i], cache.value[i], lengths, None))
+      keys.append(updated.key)
+      values.append(updated.value)
+    return self.final_norm(x), KVCache(tuple(keys), tuple(values))
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Output-head logits for hidden states [..., E] -> [..., V] in float32 (soft-capped where configured)."""

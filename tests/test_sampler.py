@@ -1,0 +1,253 @@
+"""The sampler against independent references: step-by-step argmax of full forward passes without a cache,
+the trainer's log-probs of the same tokens, numpy logit filters; padding, seeds, frozen rows, beams."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tunix_core import losses, sharding
+from tunix_core.generate import beam, engine, sampler
+from tunix_core.generate.sampling import SamplingParams, filter_logits
+from tunix_core.models.transformer import ModelConfig, Transformer
+
+LLAMA = ModelConfig(vocab_size=64, emb_dim=32, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=64, num_layers=2,
+                    init_std=0.3, attention="xla")
+# Gemma-2-like: sliding window of 4 keys on alternate layers, soft-capped scores and logits.
+GEMMA2 = dataclasses.replace(LLAMA, family="gemma2", layer_types=("sliding_attention", "full_attention"),
+                             sliding_window=4, attn_logit_softcap=3.0, final_logit_softcap=8.0,
+                             query_pre_attn_scalar=8.0)
+PROMPTS = [[3, 9, 27, 17, 51], [8], [40, 2, 33]]
+NEW = 10
+
+
+@functools.cache
+def split(cfg: ModelConfig):
+  with nnx.use_eager_sharding(False):
+    return nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+@functools.cache
+def _forward(cfg: ModelConfig):
+  graphdef, weights = split(cfg)
+
+  @jax.jit
+  def forward(tokens):
+    model = nnx.merge(graphdef, weights)
+    length = tokens.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
+    return model.hidden_states(tokens, positions, jnp.ones_like(tokens))
+  return forward
+
+
+def no_cache_greedy(cfg: ModelConfig, prompt: list[int], steps: int) -> list[int]:
+  """Argmax of a full forward pass over everything so far, one token at a time (a fixed-size buffer: causal
+  attention keeps the unwritten tail out)."""
+  graphdef, weights = split(cfg)
+  model = nnx.merge(graphdef, weights)
+  buffer = np.zeros((1, len(prompt) + steps), np.int32)
+  buffer[0, :len(prompt)] = prompt
+  for i in range(len(prompt), len(prompt) + steps):
+    hidden = _forward(cfg)(jnp.asarray(buffer))
+    buffer[0, i] = int(jnp.argmax(model.logits(hidden[0, i - 1])))
+  return buffer[0, len(prompt):].tolist()
+
+
+@functools.cache
+def _trainer(cfg: ModelConfig):
+  graphdef, weights = split(cfg)
+
+  @jax.jit
+  def log_probs(ids, temperature):
+    model = nnx.merge(graphdef, weights)
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    hidden = model.hidden_states(ids, positions, jnp.ones_like(ids))
+    return losses.token_log_probs(lambda h: model.logits(h) / temperature, hidden[:, :-1], ids[:, 1:], chunk_size=4)
+  return log_probs
+
+
+def trainer_log_probs(cfg: ModelConfig, prompt: list[int], completion: list[int], temperature: float = 1.0):
+  """What the trainer computes for the completion tokens: losses.token_log_probs over a full forward (in a
+  fixed-size buffer, one compile; causal attention keeps the tail out)."""
+  ids = np.zeros((1, 8 + NEW), np.int32)
+  ids[0, :len(prompt) + len(completion)] = prompt + completion
+  lp = _trainer(cfg)(jnp.asarray(ids), jnp.float32(temperature))
+  return np.asarray(lp[0, len(prompt) - 1:len(prompt) + len(completion) - 1])
+
+
+def make_sampler(cfg: ModelConfig, **kwargs) -> sampler.Sampler:
+  graphdef, weights = split(cfg)
+  return sampler.Sampler(graphdef, weights, **{"batch_size": 4, "prefill_buckets": (8,), **kwargs})
+
+
+def test_greedy_equals_no_cache_argmax():
+  got = make_sampler(LLAMA).generate(PROMPTS, SamplingParams(max_new_tokens=NEW))
+  for prompt, (completion,) in zip(PROMPTS, got):
+    assert completion.token_ids == no_cache_greedy(LLAMA, prompt, NEW)
+    assert completion.finish_reason == "length" and completion.length == NEW
+    np.testing.assert_allclose(completion.raw_logprobs, trainer_log_probs(LLAMA, prompt, completion.token_ids),
+                               atol=1e-5)
+
+
+def test_unscanned_layers_decode_the_same_way():
+  """scan_layers=false keeps one cache buffer per layer (the layout decode benchmarks use)."""
+  cfg = dataclasses.replace(LLAMA, scan_layers=False)
+  got = make_sampler(cfg).generate(PROMPTS, SamplingParams(max_new_tokens=NEW))
+  assert [c[0].token_ids for c in got] == [no_cache_greedy(cfg, p, NEW) for p in PROMPTS]
+
+
+def test_sampled_log_probs_equal_the_trainers():
+  sampling = SamplingParams(max_new_tokens=NEW, temperature=0.7, top_k=20, top_p=0.95, num_samples=2)
+  for prompt, completions in zip(PROMPTS, make_sampler(LLAMA).generate(PROMPTS, sampling, seed=1)):
+    for c in completions:
+      np.testing.assert_allclose(c.logprobs, trainer_log_probs(LLAMA, prompt, c.token_ids, 0.7), atol=1e-5)
+      np.testing.assert_allclose(c.raw_logprobs, trainer_log_probs(LLAMA, prompt, c.token_ids), atol=1e-5)
+
+
+def test_sliding_window_and_softcap_decode_past_the_window():
+  """Generation runs well past the 4-key window; the Pallas decode kernel (interpreted) gives the same tokens."""
+  expected = [no_cache_greedy(GEMMA2, p, NEW) for p in PROMPTS]
+  for cfg in (GEMMA2, dataclasses.replace(GEMMA2, attention="flash")):
+    got = make_sampler(cfg).generate(PROMPTS, SamplingParams(max_new_tokens=NEW))
+    for prompt, want, (completion,) in zip(PROMPTS, expected, got):
+      assert completion.token_ids == want
+      np.testing.assert_allclose(completion.raw_logprobs, trainer_log_probs(GEMMA2, prompt, want), atol=1e-5)
+
+
+SAMPLED = SamplingParams(max_new_tokens=NEW, temperature=1.0, top_p=0.9)
+
+
+def test_left_and_right_padding_and_batch_neighbours_do_not_change_a_row():
+  graphdef, weights = split(LLAMA)
+  prompts = PROMPTS + [[5, 6]]
+  right = np.zeros((4, 8), np.int32)
+  left = np.zeros((4, 8), np.int32)
+  for i, p in enumerate(prompts):
+    right[i, :len(p)] = p
+    left[i, 8 - len(p):] = p
+  run = functools.partial(sampler.sample_arrays, graphdef, weights, seed=np.uint32(5), sampling=SAMPLED,
+                          cache_length=32, pad_id=0)
+  rows = np.arange(4, dtype=np.int32)
+  a, b = run(right, right > 0, rows), run(left, left > 0, rows)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  # The same rows in another order (so with other neighbours): each row's sample is its own.
+  c = run(right[::-1], right[::-1] > 0, rows[::-1])
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y[::-1]), a, c)
+
+
+def test_seeds_reproduce_and_n_samples_per_prompt():
+  sampling = dataclasses.replace(SAMPLED, num_samples=3)
+  first = make_sampler(LLAMA).generate(PROMPTS, sampling, seed=7)
+  again = make_sampler(LLAMA).generate(PROMPTS, sampling, seed=7)
+  other = make_sampler(LLAMA).generate(PROMPTS, sampling, seed=8)
+  ids = lambda result: [[c.token_ids for c in group] for group in result]
+  assert ids(first) == ids(again) and ids(first) != ids(other)
+  for p, group in enumerate(first):
+    assert [(c.prompt_index, c.sample_index) for c in group] == [(p, 0), (p, 1), (p, 2)]
+    assert len({tuple(c.token_ids) for c in group}) == 3
+
+
+def test_finished_rows_never_change_again():
+  free = make_sampler(LLAMA).generate(PROMPTS, SamplingParams(max_new_tokens=NEW))
+  eos = free[0][0].token_ids[3]  # row 0 now ends at its 4th token
+  stop = (free[2][0].token_ids[1], free[2][0].token_ids[2])
+  graphdef, weights = split(LLAMA)
+  tokens = np.zeros((3, 8), np.int32)
+  for i, p in enumerate(PROMPTS):
+    tokens[i, :len(p)] = p
+  out = sampler.sample_arrays(graphdef, weights, tokens, tokens > 0, np.arange(3), np.uint32(0),
+                              sampling=SamplingParams(max_new_tokens=NEW, eos_ids=(eos,), stop_sequences=(stop,)),
+                              cache_length=32, pad_id=0)
+  for row, result in enumerate(free):
+    ids = result[0].token_ids
+    ends = [i + 1 for i in range(NEW) if ids[i] == eos or (i >= 1 and (ids[i - 1], ids[i]) == stop)]
+    end = ends[0] if ends else NEW
+    assert int(out["lengths"][row]) == end
+    assert out["tokens"][row].tolist() == ids[:end] + [0] * (NEW - end)
+    assert not np.any(out["logprobs"][row, end:]) and not np.any(out["raw_logprobs"][row, end:])
+    assert int(out["finish"][row]) == int(end < NEW)
+  assert int(out["lengths"][0]) <= 4 and int(out["lengths"][2]) <= 3
+
+
+def test_beam_width_one_is_greedy_and_wider_beams_score_consistently():
+  greedy = make_sampler(LLAMA).generate(PROMPTS, SamplingParams(max_new_tokens=NEW))
+  one = make_sampler(LLAMA).generate(PROMPTS, SamplingParams(max_new_tokens=NEW, beam_width=1, num_samples=1))
+  assert [g[0].token_ids for g in greedy] == [o[0].token_ids for o in one]
+
+  graphdef, weights = split(LLAMA)
+  tokens = np.zeros((3, 8), np.int32)
+  for i, p in enumerate(PROMPTS):
+    tokens[i, :len(p)] = p
+  eos = greedy[1][0].token_ids[2]
+  out = beam.beam_arrays(graphdef, weights, tokens, tokens > 0, cache_length=32, pad_id=0,
+                         sampling=SamplingParams(max_new_tokens=NEW, beam_width=3, length_penalty=0.5, eos_ids=(eos,)))
+  for b, prompt in enumerate(PROMPTS):
+    assert np.all(np.diff(out["scores"][b]) <= 0)  # best first
+    for w in range(3):
+      n = int(out["lengths"][b, w])
+      ids = out["tokens"][b, w, :n].tolist()
+      assert (ids[-1] == eos) == bool(out["finish"][b, w]) and eos not in ids[:-1]
+      lp = trainer_log_probs(LLAMA, prompt, ids)
+      np.testing.assert_allclose(out["raw_logprobs"][b, w, :n], lp, atol=1e-5)
+      np.testing.assert_allclose(out["scores"][b, w], lp.sum() / n ** 0.5, rtol=1e-5)
+    # The search keeps the greedy path's score as a lower bound for its best hypothesis.
+    g = greedy[b][0].token_ids
+    g = g[:g.index(eos) + 1] if eos in g else g
+    assert out["scores"][b, 0] >= trainer_log_probs(LLAMA, prompt, g).sum() / len(g) ** 0.5 - 1e-5
+
+
+def _numpy_filter(logits: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+  """Hugging Face's warpers written out row by row in float64: top-k, then top-p, then min-p."""
+  out = logits.astype(np.float64).copy()
+  for row in out:
+    if top_k:
+      row[row < np.sort(row)[::-1][top_k - 1]] = -np.inf
+    if top_p < 1.0:
+      probs = np.exp(row - row.max())
+      probs /= probs.sum()
+      total, keep = 0.0, []
+      for i in np.argsort(-row, kind="stable"):
+        if total >= top_p:
+          break
+        keep.append(i)
+        total += probs[i]
+      row[row < min(row[keep])] = -np.inf
+    if min_p:
+      probs = np.exp(row - row.max())
+      probs /= probs.sum()
+      row[probs < min_p * probs.max()] = -np.inf
+  return out
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(3, 1.0, 0.0), (0, 0.6, 0.0), (0, 1.0, 0.2), (5, 0.8, 0.1),
+                                               (0, 0.999, 0.0)])
+def test_filters_match_numpy(top_k, top_p, min_p):
+  logits = np.random.default_rng(0).normal(size=(4, 12)).astype(np.float32) * 2
+  got = np.asarray(filter_logits(jnp.asarray(logits), top_k, top_p, min_p))
+  want = _numpy_filter(logits, top_k, top_p, min_p)
+  np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+  np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-6)
+  # Sampling draws only kept tokens.
+  keys = jax.random.split(jax.random.key(0), 256)
+  draws = jax.vmap(jax.random.categorical, in_axes=(0, None))(keys, jnp.asarray(got[0]))
+  assert np.all(np.isfinite(got[0][np.asarray(draws)]))
+
+
+def test_sharded_generation_matches_one_device():
+  """data x fsdp x tensor = 2 x 2 x 2: the cache is split over rows and kv heads; the tokens do not change."""
+  expected = make_sampler(LLAMA).generate(PROMPTS, SamplingParams(max_new_tokens=NEW))
+  mesh = jax.make_mesh((2, 2, 2, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  rules = (("activation_batch", ("data", "fsdp")), ("activation_kv_heads", "tensor"), ("activation_heads", "tensor"),
+           ("activation_length", None), ("activation_embed", None), ("activation_mlp", "tensor"))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    got = make_sampler(LLAMA).generate(PROMPTS, SamplingParams(max_new_tokens=NEW))
+  assert [g[0].token_ids for g in got] == [e[0].token_ids for e in expected]
+
+
+def test_buckets():
+  assert engine.bucket(5, (8, 16)) == 8 and engine.bucket(16, (8, 16)) == 16 and engine.bucket(17, (8, 16)) == 32
+  assert engine.cache_length(8, 10) == 32
