@@ -41,13 +41,15 @@ ACTIVATION_CHOICES = ("silu", "gelu", "gelu_tanh", "relu", "linear")
 POSITIVE = ("lora_rank", "qlora_tile_size", "dpo_beta", "steps", "vocab_size", "base_emb_dim", "base_num_query_heads", "base_num_kv_heads", "head_dim",
             "base_mlp_dim", "base_num_decoder_layers", "gradient_accumulation_steps", "checkpoint_period",
             "max_num_checkpoints_to_keep", "log_period", "per_device_batch_size", "normalization_layer_epsilon",
-            "rope_max_timescale", "stack_trace_interval_seconds")
+            "rope_max_timescale", "stack_trace_interval_seconds", "max_new_tokens", "num_samples", "beam_width",
+            "generate_batch_size")
 NON_NEGATIVE = ("eval_interval", "loss_chunk_size", "sample_max_new_tokens", "learning_rate", "adam_eps",
                 "adam_weight_decay", "gradient_clipping_threshold", "init_weights_std", "seed", "rope_factor",
                 "local_rope_max_timescale", "sliding_window_size", "attn_logits_soft_cap", "final_logits_soft_cap",
-                "query_pre_attn_scalar", "lora_alpha", "orpo_lambda", "simpo_beta", "simpo_gamma")
+                "query_pre_attn_scalar", "lora_alpha", "orpo_lambda", "simpo_beta", "simpo_gamma",
+                "temperature", "top_k")
 LAYER_TYPES = ("sliding_attention", "full_attention")
-FRACTIONS = ("dpo_label_smoothing", "warmup_steps_fraction", "cosine_learning_rate_final_fraction", "adam_b1", "adam_b2")
+FRACTIONS = ("top_p", "min_p", "dpo_label_smoothing", "warmup_steps_fraction", "cosine_learning_rate_final_fraction", "adam_b1", "adam_b2")
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
 
 
@@ -208,7 +210,23 @@ def validate(cfg: dict[str, Any]) -> None:
     raise UserError(f"run_name={cfg['run_name']!r}: expected a non-empty name without '/'")
   if cfg["dataset_type"] == "tfds" and not cfg["dataset_name"]:
     raise UserError("dataset_type=tfds needs dataset_name=<tfds name>")
+  _validate_generation(cfg)
   sharding.logical_rules(ml_collections.ConfigDict({"logical_axis_rules": cfg["logical_axis_rules"]}))
+
+
+def _validate_generation(cfg: dict[str, Any]) -> None:
+  if cfg["top_p"] == 0.0:
+    raise UserError("top_p=0: keeps no token; expected a value in (0, 1] (1 = off)")
+  if cfg["prompt"] and cfg["prompts_file"]:
+    raise UserError("prompt and prompts_file are both set; give one")
+  if cfg["beam_width"] > 1 and cfg["num_samples"] > cfg["beam_width"]:
+    raise UserError(f"num_samples={cfg['num_samples']} > beam_width={cfg['beam_width']}: beam search returns at "
+                    f"most beam_width hypotheses per prompt")
+  buckets = cfg["prefill_length_buckets"]
+  if not buckets or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in buckets):
+    raise UserError(f"prefill_length_buckets={buckets}: expected a non-empty list of positive integers")
+  if any(not isinstance(s, str) or not s for s in cfg["stop_sequences"]):
+    raise UserError(f"stop_sequences={cfg['stop_sequences']}: expected a list of non-empty strings")
 
 
 def derive(cfg: dict[str, Any], num_devices: int, num_processes: int, process_index: int,
