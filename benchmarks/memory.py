@@ -1,4 +1,5 @@
-"""Device memory of one train step for full fine-tuning, LoRA and QLoRA of the same model.
+"""Device memory of one train step for full fine-tuning, LoRA and QLoRA of the same model, and for DPO with a
+frozen reference copy against precomputed reference log-probs (precompute_reference=true).
 
   python3 benchmarks/memory.py [--model_name qwen3-0.6b] [key=value ...]
 
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tunix_core import config as config_lib, train
+from tunix_core import config as config_lib, distributed, train
 
 
 def bits(dtype) -> int:
@@ -37,15 +38,22 @@ def measure(overrides: list[str]) -> dict[str, float]:
   setup = train.build(config)
   with setup.activate():
     trainable = setup.lora.abstract_trainable if setup.lora else setup.abstract_params
-    frozen = {"base": setup.lora.abstract_frozen} if setup.lora else {}
+    if setup.lora:
+      frozen = {"base": setup.lora.abstract_frozen}
+    else:
+      frozen = {"reference": setup.abstract_params} if setup.needs_reference else {}
     state = jax.eval_shape(setup.new_state, trainable, frozen)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, setup.shardings)
     rows, length = config.micro_batch_size, config.max_target_length
     batch = {k: jax.ShapeDtypeStruct((config.gradient_accumulation_steps, rows, length),
                                      np.float32 if k == "loss_mask" else np.int32, sharding=setup.train_batch_sharding)
              for k in train.BATCH_KEYS}
+    if config.precompute_reference:
+      batch[train.REFERENCE_KEY] = jax.ShapeDtypeStruct(
+          (config.gradient_accumulation_steps, rows), np.float32,
+          sharding=distributed.row_sharding(setup.train_batch_sharding))
     analysis = setup.train_step.lower(state, batch).compile().memory_analysis()
-  base = frozen["base"] if frozen else setup.abstract_params
+  base = frozen["base"] if setup.lora else setup.abstract_params
   return {"trainable params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable)),
           "base weights GiB": bytes_of(base) / 2**30, "projections GiB": projection_bytes(base) / 2**30,
           "arguments GiB": analysis.argument_size_in_bytes / 2**30,
@@ -60,11 +68,13 @@ def main() -> None:
   common = [f"model_name={args.model_name}", "dtype=bfloat16", "weight_dtype=bfloat16", "per_device_batch_size=1",
             "max_target_length=1024", "remat_policy=full", *overrides]
   rows = {kind: measure([*common, f"peft={kind}"]) for kind in ("none", "lora", "qlora")}
+  rows["dpo, frozen copy"] = measure([*common, "mode=dpo"])
+  rows["dpo, precomputed"] = measure([*common, "mode=dpo", "precompute_reference=true"])
   keys = list(rows["none"])
-  print(f"{'peft':6s} | " + " | ".join(f"{k:>17s}" for k in keys))
+  print(f"{'run':16s} | " + " | ".join(f"{k:>17s}" for k in keys))
   for kind, row in rows.items():
-    print(f"{kind:6s} | " + " | ".join(f"{row[k]:>17,.3f}" if isinstance(row[k], float) else f"{row[k]:>17,}"
-                                       for k in keys))
+    print(f"{kind:16s} | " + " | ".join(f"{row[k]:>17,.3f}" if isinstance(row[k], float) else f"{row[k]:>17,}"
+                                         for k in keys))
   print(f"qlora / bf16: projections {rows['qlora']['projections GiB'] / rows['none']['projections GiB']:.3f}, "
         f"whole base {rows['qlora']['base weights GiB'] / rows['none']['base weights GiB']:.3f} "
         f"(embeddings and norms stay bf16)")

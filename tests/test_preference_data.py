@@ -22,6 +22,7 @@ TRAIN = str(REPO / "assets" / "arithmetic" / "preference_train.jsonl")
 EVAL = str(REPO / "assets" / "arithmetic" / "preference_eval.jsonl")
 BASE = yaml.safe_load((REPO / "configs" / "base.yml").read_text())
 KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+BATCH_KEYS = (*KEYS, "pair_index")
 
 
 def make_config(**overrides) -> ml_collections.FrozenConfigDict:
@@ -57,7 +58,7 @@ def take(iterator, n: int) -> list[dict]:
 def assert_batches_equal(a: list[dict], b: list[dict]):
   assert len(a) == len(b)
   for x, y in zip(a, b):
-    assert x.keys() == y.keys() == set(KEYS)
+    assert x.keys() == y.keys() and set(KEYS) <= x.keys()
     for key in x:
       np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
@@ -89,18 +90,22 @@ def masked_spans(tok, ids, mask) -> list[str]:
 # ------------------------------------------------------------------------------------------ row layout
 
 def test_rows_interleave_chosen_and_rejected(sp):
-  pairs = {r["prompt"]: r for r in read_jsonl(TRAIN)}
+  records = read_jsonl(TRAIN)
+  pairs = {r["prompt"]: r for r in records}
   batches = take(preference.make_preference_iterator(make_config(process_batch_size=6), sp), 2)
   for batch in batches:
     assert {k: (v.dtype, v.shape) for k, v in batch.items()} == {
       "inputs": (np.int32, (6, 128)), "targets": (np.int32, (6, 128)), "loss_mask": (np.float32, (6, 128)),
-      "segment_ids": (np.int32, (6, 128)), "positions": (np.int32, (6, 128))}
+      "segment_ids": (np.int32, (6, 128)), "positions": (np.int32, (6, 128)), "pair_index": (np.int32, (6,))}
     for i in range(3):
       chosen_prompt, chosen = split_row(sp, batch, 2 * i)
       rejected_prompt, rejected = split_row(sp, batch, 2 * i + 1)
       assert chosen_prompt == rejected_prompt  # the same prompt tokens: one pair
       record = pairs[sp.decode(chosen_prompt)]
       assert (chosen, rejected) == (record["chosen"], record["rejected"])
+      # Both rows name the record they came from (what precomputed reference log-probs are looked up by).
+      assert batch["pair_index"][2 * i] == batch["pair_index"][2 * i + 1]
+      assert records[batch["pair_index"][2 * i]] == record
   for batch in batches:  # one sequence per row, from the left; positions count from 0; padding is all zeros
     for r in range(6):
       x, n = row(batch, r), int(batch["segment_ids"][r].sum())
@@ -248,17 +253,39 @@ def test_eval_batches(sp, tmp_path):
   assert not batches[1]["segment_ids"][2:].any()
   completions = [split_row(sp, b, r)[1] for b, r in rows[:6]]
   assert completions == [c for record in records for c in (record["chosen"], record["rejected"])]
+  assert [int(b["pair_index"][r]) for b, r in rows] == [0, 0, 1, 1, 2, 2, -1, -1]
   halves = [preference.make_preference_eval_batches(
     make_config(eval_dataset_path=path, eval_steps=-1, eval_batch_size=2, num_processes=2, process_index=p), sp)
     for p in range(2)]
   assert [len(h) for h in halves] == [2, 2]
-  assert_batches_equal([{k: np.concatenate([halves[0][s][k], halves[1][s][k]]) for k in KEYS} for s in range(2)],
-                       batches)
+  assert_batches_equal([{k: np.concatenate([halves[0][s][k], halves[1][s][k]]) for k in BATCH_KEYS}
+                        for s in range(2)], batches)
   assert len(preference.make_preference_eval_batches(make_config(), sp)) == 4
   assert preference.make_preference_eval_batches(make_config(eval_dataset_path=""), sp) == []
   dropped = preference.make_preference_eval_batches(
     make_config(eval_dataset_path=path, eval_steps=-1, max_target_length=12, long_examples="drop"), sp)
   assert not any(b["loss_mask"].any() for b in dropped)
+
+
+def test_reference_pass_covers_every_pair_once(sp, tmp_path):
+  """make_preference_pass (precompute_reference's pass): every pair of the split exactly once over the processes,
+  ignoring eval_steps, in file order; padding rows name no pair."""
+  records = read_jsonl(TRAIN)[:5]
+  path = write_jsonl(tmp_path / "five.jsonl", records)
+  seen = []
+  for p in range(2):
+    num_pairs, batches = preference.make_preference_pass(
+      make_config(dataset_path=path, eval_steps=1, eval_batch_size=2, num_processes=2, process_index=p), sp, "train")
+    assert num_pairs == 5 and len(batches) == 3
+    for batch in batches:
+      for r in range(0, 2, 2):
+        index = int(batch["pair_index"][r])
+        seen.append(index)
+        if index >= 0:
+          assert split_row(sp, batch, r)[1] == records[index]["chosen"]
+          assert split_row(sp, batch, r + 1)[1] == records[index]["rejected"]
+  assert sorted(seen) == [-1, 0, 1, 2, 3, 4]
+  assert preference.make_preference_pass(make_config(eval_dataset_path=""), sp, "eval") == (0, [])
 
 
 # --------------------------------------------------------------------------------------------- errors

@@ -10,6 +10,7 @@ from flax import nnx
 
 from tunix_core import checkpoint, config as config_lib, train
 from tunix_core.data import preference, tokenizer as tokenizer_lib
+from tunix_core.errors import UserError
 from tunix_core.modes import dpo, preference_losses
 
 QUICK = ["dataset_path=assets/arithmetic/preference_train.jsonl", "eval_dataset_path=", "max_target_length=64",
@@ -66,3 +67,28 @@ def test_dpo_loss_of_a_batch_equals_the_pairwise_formula():
                                        beta=config.dpo_beta, label_smoothing=0.0, chosen_lengths=lengths[0::2],
                                        rejected_lengths=lengths[1::2])
   np.testing.assert_allclose(float(out.loss_sum) / float(out.weight), float(np.mean(losses)), rtol=1e-5)
+
+
+def test_precomputed_reference_trains_like_the_frozen_copy(tmp_path):
+  """precompute_reference=true: the same losses, rewards and eval loss as DPO with a frozen reference copy, and no
+  reference weights in the train state."""
+  common = ["configs/base.yml", "mode=dpo", "steps=3", "eval_interval=3", "eval_steps=2",
+            "eval_dataset_path=assets/arithmetic/preference_eval.jsonl", *QUICK[:1], *QUICK[2:]]
+  train.run([*common, f"base_output_directory={tmp_path / 'copy'}"])
+  train.run([*common, f"base_output_directory={tmp_path / 'precomputed'}", "precompute_reference=true"])
+  frozen_copy, precomputed = (_records(tmp_path / name / "default") for name in ("copy", "precomputed"))
+  assert precomputed[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+  assert [r["step"] for r in precomputed] == [r["step"] for r in frozen_copy]
+  for a, b in zip(frozen_copy, precomputed):
+    for key in ("loss", "eval/loss", *METRICS):
+      if key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+  config = config_lib.load([*common, "precompute_reference=true"], initialize_distributed=False)
+  assert train.build(config).shardings["frozen"] == {}
+
+
+def test_precompute_reference_needs_full_fine_tuning_dpo():
+  for override in ("mode=simpo", "peft=lora"):
+    with pytest.raises(UserError, match=r"precompute_reference=true replaces DPO's frozen reference"):
+      config_lib.load(["configs/base.yml", "mode=dpo", override, "precompute_reference=true"],
+                      initialize_distributed=False)

@@ -191,6 +191,10 @@ def validate(cfg: dict[str, Any]) -> None:
       raise UserError(f"{key}={cfg[key]} is a Gemma 2/3 feature; set decoder_block=gemma2 or gemma3, or {key}=0")
   if cfg["dpo_label_smoothing"] >= 0.5:
     raise UserError(f"dpo_label_smoothing={cfg['dpo_label_smoothing']}: must be below 0.5 (a flipped label)")
+  if cfg["precompute_reference"] and (cfg["mode"] != "dpo" or cfg["peft"] != "none"):
+    raise UserError(f"precompute_reference=true replaces DPO's frozen reference copy in full fine-tuning; with "
+                    f"mode={cfg['mode']} peft={cfg['peft']} there is none to replace (LoRA/QLoRA's reference is the "
+                    "base with adapters off); set precompute_reference=false")
   if cfg["attention"] == "cudnn" and cfg["attn_logits_soft_cap"]:
     raise UserError("attention=cudnn cannot soft-cap attention logits (attn_logits_soft_cap); use flash or xla")
   if not float(cfg["query_pre_attn_scalar"]).is_integer():

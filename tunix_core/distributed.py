@@ -4,7 +4,7 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 # Environment variables by which launchers (TPU pods, SLURM, Open MPI, GKE/XPK) describe a multi-process
 # job; jax.distributed.initialize() reads the details itself.
@@ -41,10 +41,19 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
       process_id=process_id if process_id >= 0 else None)
 
 
+def row_sharding(sharding: NamedSharding) -> NamedSharding:
+  """The sharding of one value per row ([..., rows]) that goes with token arrays ([..., rows, length]) in `sharding`."""
+  return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:-1]))
+
+
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding,
                  global_rows: int) -> dict[str, jax.Array]:
-  """Builds global arrays from each process's rows (axis -2 is rows: [..., rows, length])."""
+  """Builds global arrays from each process's rows: token arrays are [..., rows, length] in `sharding`; arrays of
+  one value per row are [..., rows], sharded as `sharding` without its length axis."""
+  per_row = row_sharding(sharding)
+
   def one(local: np.ndarray) -> jax.Array:
-    shape = (*local.shape[:-2], global_rows, local.shape[-1])
-    return jax.make_array_from_process_local_data(sharding, local, shape)
+    if local.ndim == len(sharding.spec):
+      return jax.make_array_from_process_local_data(sharding, local, (*local.shape[:-2], global_rows, local.shape[-1]))
+    return jax.make_array_from_process_local_data(per_row, local, (*local.shape[:-1], global_rows))
   return {key: one(value) for key, value in local_batch.items()}

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tunix_core import checkpoint, config as config_lib, distributed, export, metrics as metrics_lib, models
-from tunix_core import optimizers, peft
+from tunix_core import optimizers, peft, reference
 from tunix_core import sharding
 from tunix_core.data import pipeline, preference, tokenizer as tokenizer_lib
 from tunix_core.errors import UserError
@@ -37,6 +37,7 @@ from tunix_core.modes import MODES
 #  "frozen": weights the step reads but never updates, e.g. {"reference": ...} for DPO}
 TrainState = dict[str, Any]
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+REFERENCE_KEY = "reference_logps"  # [rows] per-row reference log-probs, with precompute_reference=true
 
 
 def state_shardings(abstract_params, param_shardings, frozen_shardings: dict, tx: optax.GradientTransformation,
@@ -91,8 +92,16 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigD
     return new_state, step_metrics
 
   replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
-  return jax.jit(train_step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
-                 donate_argnums=(0,))
+  return jax.jit(train_step, in_shardings=(shardings, batch_shardings(config, batch_sharding)),
+                 out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+
+def batch_shardings(config, batch_sharding: NamedSharding) -> dict[str, NamedSharding]:
+  """Each batch key's sharding: token arrays in `batch_sharding`, per-row reference log-probs without its length axis."""
+  shardings = {key: batch_sharding for key in BATCH_KEYS}
+  if config.precompute_reference:
+    shardings[REFERENCE_KEY] = distributed.row_sharding(batch_sharding)
+  return shardings
 
 
 def mode_loss(mode, graphdef: nnx.GraphDef, config, params, frozen: dict, batch: dict[str, jax.Array]):
@@ -119,15 +128,16 @@ def make_eval_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigDi
     out = mode_loss(mode, graphdef, config, params, frozen, batch)
     return out.loss_sum, out.weight
 
-  return jax.jit(eval_step, in_shardings=(shardings["params"], shardings["frozen"], batch_sharding))
+  return jax.jit(eval_step, in_shardings=(shardings["params"], shardings["frozen"],
+                                         batch_shardings(config, batch_sharding)))
 
 
 def to_device_batch(local: dict[str, np.ndarray], config, sharding_: NamedSharding, accumulate: bool
                     ) -> dict[str, jax.Array]:
   """This process's rows -> global arrays; training batches get a leading micro-batch axis."""
-  local = {k: local[k] for k in BATCH_KEYS}
+  local = {k: local[k] for k in (*BATCH_KEYS, REFERENCE_KEY) if k in local}
   if accumulate:
-    local = {k: v.reshape(config.gradient_accumulation_steps, -1, v.shape[-1]) for k, v in local.items()}
+    local = {k: v.reshape(config.gradient_accumulation_steps, -1, *v.shape[1:]) for k, v in local.items()}
   return distributed.global_batch(local, sharding_, config.micro_batch_size)
 
 
@@ -187,14 +197,17 @@ class Setup(NamedTuple):
       return state["params"]
     return peft.merge(self.lora, state["frozen"]["base"], state["params"])
 
-  def initial_state(self, config, checkpointer: checkpoint.Checkpointer | None, train_iterator) -> TrainState:
-    """Resumes the run's latest checkpoint (moving the iterator too), else starts from `starting_params`.
+  def initial_state(self, config, checkpointer: checkpoint.Checkpointer | None, train_iterator,
+                    start: dict | None = None) -> TrainState:
+    """Resumes the run's latest checkpoint (moving the iterator too), else starts from `start` (default
+    `starting_params`, loaded here), which it donates.
 
     The frozen weights (DPO's reference: the starting weights) are rebuilt from their source on resume;
     checkpoints hold only what training changes.
     """
     latest = checkpointer.latest_step() if checkpointer else None
-    start = self.starting_params(config) if latest is None or self.needs_reference or self.lora else None
+    if start is None and (latest is None or self.needs_reference or self.lora):
+      start = self.starting_params(config)
     if self.lora is not None:
       frozen = {"base": peft.frozen_from_params(self.lora, start, donate=True)}
       start = peft.init_adapters(self.lora, config.seed)
@@ -270,16 +283,23 @@ def train(config: ml_collections.FrozenConfigDict) -> dict[str, Any]:
   with setup.activate():
     checkpointer = checkpoint.Checkpointer(config) if config.enable_checkpointing else None
     try:
-      state = setup.initial_state(config, checkpointer, train_iterator)
-      return _loop(config, setup, state, train_iterator, eval_host_batches, tokenizer, checkpointer)
+      start, tables = None, None
+      if config.precompute_reference:
+        start = setup.starting_params(config)
+        tables = reference.compute_tables(config, setup, start, tokenizer)
+        eval_host_batches = [reference.attach(b, tables["eval"]) for b in eval_host_batches]
+      state = setup.initial_state(config, checkpointer, train_iterator, start)
+      return _loop(config, setup, state, train_iterator, eval_host_batches, tokenizer, checkpointer,
+                   tables["train"] if tables else None)
     finally:
       if checkpointer:
         checkpointer.close()
 
 
 def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_batches, tokenizer,
-          checkpointer: checkpoint.Checkpointer | None) -> dict[str, Any]:
-  """Steps from the state's step to config.steps; see `train`."""
+          checkpointer: checkpoint.Checkpointer | None, reference_table: np.ndarray | None) -> dict[str, Any]:
+  """Steps from the state's step to config.steps; see `train`. reference_table: precomputed reference log-probs of
+  the training pairs (precompute_reference=true), attached to each batch."""
   is_primary = config.process_index == 0
   eval_batches = [to_device_batch(b, config, setup.eval_batch_sharding, accumulate=False)
                   for b in eval_host_batches]
@@ -317,7 +337,10 @@ def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_bat
       summary["loss"] = host["loss"]
 
     for step in range(start_step + 1, config.steps + 1):
-      batch = to_device_batch(next(train_iterator), config, setup.train_batch_sharding, accumulate=True)
+      local = next(train_iterator)
+      if reference_table is not None:
+        local = reference.attach(local, reference_table)
+      batch = to_device_batch(local, config, setup.train_batch_sharding, accumulate=True)
       state, step_metrics = setup.train_step(state, batch)
       if pending is not None:
         flush(*pending)

@@ -23,6 +23,8 @@ from tunix_core.data.tokenizer import Tokenizer
 from tunix_core.errors import UserError
 
 FEATURES = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+# Per-row values ([rows]) a batch may carry beside FEATURES: preference rows name their pair's record in the source.
+ROW_FEATURES = ("pair_index",)
 _COUNTERS = ("num_truncated", "num_dropped")
 
 
@@ -190,7 +192,7 @@ class _CountedIterator(grain.DatasetIterator):
     batch = next(self._parent)
     self.truncated += int(np.sum(batch["num_truncated"]))
     self.dropped += int(np.sum(batch["num_dropped"]))
-    return {key: batch[key] for key in FEATURES}
+    return {key: batch[key] for key in (*FEATURES, *ROW_FEATURES) if key in batch}
 
   def get_state(self) -> dict:
     return {"parent": self._parent.get_state(), "truncated": self.truncated, "dropped": self.dropped}

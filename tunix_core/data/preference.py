@@ -14,7 +14,8 @@ records the tokens of the completion's assistant turns (assistant turns inside t
 Every batch has SFT's keys and dtypes (`pipeline.FEATURES`), shaped [rows, max_target_length], one sequence per
 row (no packing): rows alternate chosen, rejected, chosen, rejected... (row 2i is pair i's chosen sequence, row
 2i+1 its rejected one), so any even-sized contiguous split of the rows keeps pairs together. The number of rows
-per batch and per micro-batch must therefore be even.
+per batch and per micro-batch must therefore be even. `pair_index` [rows] int32 names each row's record in the
+source (-1 for padding), which is how precomputed reference log-probs (tunix_core/reference.py) find their rows.
 
 Over-long pairs (either sequence longer than max_target_length + 1 ids): long_examples=truncate cuts both to
 max_target_length + 1 ids, keeping the start of the prompt and the start of the completion (the whole prompt when
@@ -32,12 +33,13 @@ import ml_collections
 import numpy as np
 
 from tunix_core.data import sources
-from tunix_core.data.pipeline import FEATURES, _Counted, _Encoder, _example, _global_index, _padded_row
+from tunix_core.data.pipeline import FEATURES, ROW_FEATURES, _Counted, _Encoder, _example, _global_index, _padded_row
 from tunix_core.data.pipeline import _ProcessSlice, _SkipDropped, data_stats, eval_batch_count
 from tunix_core.data.tokenizer import Tokenizer
 from tunix_core.errors import UserError
 
-__all__ = ["make_preference_iterator", "make_preference_eval_batches", "data_stats", "PreferenceFields"]
+__all__ = ["make_preference_iterator", "make_preference_eval_batches", "make_preference_pass", "data_stats",
+           "PreferenceFields"]
 
 # One encoded sequence: token ids, per-id loss mask (1 = counts as a target), and the prompt's length in ids.
 _Sequence = tuple[list[int], list[int], int]
@@ -192,8 +194,9 @@ def _fit(sequences: tuple[_Sequence, _Sequence], budget: int) -> list[tuple[list
   return out
 
 
-def _pair_example(sequences: tuple[_Sequence, _Sequence], max_length: int, long_examples: str) -> dict:
-  """The two padded rows of a pair, stacked [2, max_length] per feature, with `num_truncated` and `drop`."""
+def _pair_example(sequences: tuple[_Sequence, _Sequence], index: int, max_length: int, long_examples: str) -> dict:
+  """The two padded rows of the source's pair `index`, stacked [2, max_length] per feature (pair_index [2]), with
+  `num_truncated` and `drop`."""
   too_long = any(len(ids) > max_length + 1 for ids, _, _ in sequences)
   if too_long and long_examples == "drop":
     return {"num_truncated": 0, "drop": True}
@@ -203,12 +206,15 @@ def _pair_example(sequences: tuple[_Sequence, _Sequence], max_length: int, long_
     return {"num_truncated": 0, "drop": True}
   rows = [_padded_row(e, max_length) for e in examples]
   pair = {key: np.stack([row[key] for row in rows]) for key in FEATURES}
-  return {**pair, "num_truncated": int(too_long), "drop": False}
+  return {**pair, "pair_index": np.full(2, index, np.int32), "num_truncated": int(too_long), "drop": False}
 
 
 def _interleave(batch: dict) -> dict:
-  """[pairs, 2, length] -> [2 * pairs, length]: chosen, rejected, chosen, rejected, ..."""
-  return {key: value.reshape(-1, value.shape[-1]) if key in FEATURES else value for key, value in batch.items()}
+  """[pairs, 2, length] -> [2 * pairs, length]: chosen, rejected, chosen, rejected, ... (pair_index likewise
+  [pairs, 2] -> [2 * pairs])."""
+  interleaved = {key: batch[key].reshape(-1, batch[key].shape[-1]) for key in FEATURES}
+  interleaved.update({key: batch[key].reshape(-1) for key in ROW_FEATURES})
+  return {**batch, **interleaved}
 
 
 def _check_even(config: ml_collections.FrozenConfigDict, rows: int, what: str) -> None:
@@ -236,11 +242,13 @@ def make_preference_iterator(config: ml_collections.FrozenConfigDict,
                     f"({rows} rows = {pairs} pairs x {num_processes} processes); lower per_device_batch_size or "
                     "add data")
   encoder = _PairEncoder(config, tokenizer)
-  ds = grain.MapDataset.source(source)
+  # Indices rather than records go through the shuffle (the same permutation either way), so that every pair
+  # knows its place in the source.
+  ds = grain.MapDataset.range(len(source))
   if config.data_shuffle:
     ds = ds.shuffle(seed=config.seed)
   ds = _ProcessSlice(ds.repeat(), pairs, num_processes, config.process_index)
-  ds = ds.map(lambda record: _pair_example(encoder.pair(record), length, config.long_examples))
+  ds = ds.map(lambda index: _pair_example(encoder.pair(source[index]), index, length, config.long_examples))
   give_up_after = len(source) * num_processes  # a streak this long: (nearly surely) every pair is dropped
   ds = _SkipDropped(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)), give_up_after)
   return iter(_Counted(ds.batch(pairs).map(_interleave)))
@@ -259,22 +267,40 @@ def make_preference_eval_batches(config: ml_collections.FrozenConfigDict,
     return []
   if not len(source):
     raise UserError(f"{source.name} has no pairs; add some or disable evaluation")
-  rows, num_processes, length = config.eval_batch_size, config.num_processes, config.max_target_length
-  _check_even(config, rows, "eval batch in each process")
-  pairs = rows // 2
-  num_batches = eval_batch_count(config, len(source), pairs)
+  _check_even(config, config.eval_batch_size, "eval batch in each process")
+  pairs = config.eval_batch_size // 2
+  return _batches_in_file_order(config, tokenizer, source, pairs, eval_batch_count(config, len(source), pairs))
+
+
+def make_preference_pass(config: ml_collections.FrozenConfigDict, tokenizer: Tokenizer,
+                         split: str) -> tuple[int, list[dict[str, np.ndarray]]]:
+  """(pairs in the split's source, this process's batches of config.eval_batch_size rows covering every pair once
+  over all processes, in file order): the pass that precomputes reference log-probs. (0, []) without the split."""
+  source = _make_source(config, split)
+  if source is None:
+    return 0, []
+  _check_even(config, config.eval_batch_size, "batch in each process")
+  pairs = config.eval_batch_size // 2
+  num_batches = -(-len(source) // (pairs * config.num_processes))
+  return len(source), _batches_in_file_order(config, tokenizer, source, pairs, num_batches)
+
+
+def _batches_in_file_order(config, tokenizer: Tokenizer, source, pairs: int, num_batches: int) -> list[dict]:
+  """This process's `num_batches` batches of `pairs` pairs, dealt by `_global_index`; pairs past the end of the
+  source and dropped pairs are two padding rows (loss_mask 0, pair_index -1)."""
+  length = config.max_target_length
   encoder = _PairEncoder(config, tokenizer)
   empty = _padded_row({"inputs": np.zeros(0, np.int32), "targets": np.zeros(0, np.int32),
                        "loss_mask": np.zeros(0, np.float32)}, length)
-  padding = {key: np.stack([empty[key]] * 2) for key in FEATURES}
+  padding = {**{key: np.stack([empty[key]] * 2) for key in FEATURES}, "pair_index": np.full(2, -1, np.int32)}
   batches = []
   for b in range(num_batches):
     batch_pairs = []
     for i in range(b * pairs, (b + 1) * pairs):
-      j = _global_index(i, pairs, num_processes, config.process_index)
-      pair = _pair_example(encoder.pair(source[j]), length, config.long_examples) if j < len(source) else None
+      j = _global_index(i, pairs, config.num_processes, config.process_index)
+      pair = _pair_example(encoder.pair(source[j]), j, length, config.long_examples) if j < len(source) else None
       batch_pairs.append(padding if pair is None or pair["drop"] else pair)
-    batches.append(_interleave({key: np.stack([p[key] for p in batch_pairs]) for key in FEATURES}))
+    batches.append(_interleave({key: np.stack([p[key] for p in batch_pairs]) for key in (*FEATURES, *ROW_FEATURES)}))
   return batches
 
 

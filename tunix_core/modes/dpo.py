@@ -3,7 +3,8 @@
 Batches interleave pairs: row 2i is pair i's chosen sequence, row 2i+1 its rejected one, so chosen and
 rejected go through one forward pass. Sequence log-probs are sums over completion (loss-mask) tokens;
 ipo, orpo and simpo use them divided by the completion length. DPO's reference log-probs come from the
-reference model the train step passes in (a frozen copy, or the same base with adapters off).
+reference model the train step passes in (a frozen copy, or the same base with adapters off), or, with
+precompute_reference=true, from the batch itself (batch["reference_logps"], see tunix_core/reference.py).
 """
 
 import jax
@@ -18,7 +19,8 @@ WEIGHT_NAME = "pairs"  # what LossOutput.weight counts (real (non-padding) pairs
 
 
 def needs_reference(config) -> bool:
-  return config.mode == "dpo"
+  """Whether the train step needs a reference model (precomputed log-probs need none)."""
+  return config.mode == "dpo" and not config.precompute_reference
 
 
 def sequence_log_probs(model, batch: dict[str, jax.Array], config) -> tuple[jax.Array, jax.Array]:
@@ -38,8 +40,10 @@ def loss(model, batch: dict[str, jax.Array], config, reference=None) -> LossOutp
   chosen_mean = chosen / jnp.maximum(chosen_len, 1.0)
   rejected_mean = rejected / jnp.maximum(rejected_len, 1.0)
   if config.mode == "dpo":
-    reference_logps, _ = sequence_log_probs(reference, batch, config)
-    reference_logps = jax.lax.stop_gradient(reference_logps)
+    if "reference_logps" in batch:
+      reference_logps = batch["reference_logps"]
+    else:
+      reference_logps = jax.lax.stop_gradient(sequence_log_probs(reference, batch, config)[0])
     per_pair, chosen_rewards, rejected_rewards = preference_losses.dpo(
         chosen, rejected, reference_logps[0::2], reference_logps[1::2], loss_type=config.dpo_loss,
         beta=config.dpo_beta, label_smoothing=config.dpo_label_smoothing,
