@@ -100,8 +100,12 @@ def test_unscanned_layers_decode_the_same_way():
   assert [c[0].token_ids for c in got] == [no_cache_greedy(cfg, p, NEW) for p in PROMPTS]
 
 
+# One sampled setting for every test that samples: one compile.
+SAMPLED = SamplingParams(max_new_tokens=NEW, temperature=0.7, top_k=20, top_p=0.9)
+
+
 def test_sampled_log_probs_equal_the_trainers():
-  sampling = SamplingParams(max_new_tokens=NEW, temperature=0.7, top_k=20, top_p=0.95, num_samples=2)
+  sampling = dataclasses.replace(SAMPLED, num_samples=2)
   for prompt, completions in zip(PROMPTS, make_sampler(LLAMA).generate(PROMPTS, sampling, seed=1)):
     for c in completions:
       np.testing.assert_allclose(c.logprobs, trainer_log_probs(LLAMA, prompt, c.token_ids, 0.7), atol=1e-5)
@@ -116,9 +120,6 @@ def test_sliding_window_and_softcap_decode_past_the_window():
     for prompt, want, (completion,) in zip(PROMPTS, expected, got):
       assert completion.token_ids == want
       np.testing.assert_allclose(completion.raw_logprobs, trainer_log_probs(GEMMA2, prompt, want), atol=1e-5)
-
-
-SAMPLED = SamplingParams(max_new_tokens=NEW, temperature=1.0, top_p=0.9)
 
 
 def test_left_and_right_padding_and_batch_neighbours_do_not_change_a_row():
