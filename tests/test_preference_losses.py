@@ -253,3 +253,12 @@ def test_rewards_carry_no_gradient_and_bfloat16_inputs_give_float32():
   bf16 = [jnp.asarray(a, jnp.bfloat16) for a in args32]
   outputs = jax.jit(lambda *xs: [call(*xs) for call in calls])(*bf16)
   assert all(o.dtype == jnp.float32 and o.shape == (PAIRS,) for o in jax.tree.leaves(outputs))
+
+
+@pytest.mark.parametrize("margin,center", [(0.0, 0.0), (0.5, 0.01)])
+def test_bradley_terry(margin, center):
+  """Reward-model loss: -log s(r_c - r_r - margin) + center (r_c + r_r)^2 on scalar rewards."""
+  rng = np.random.default_rng(11)
+  args32, args64 = _f32(rng.normal(0, 2, PAIRS), rng.normal(0, 2, PAIRS))
+  _check(lambda c, r: pl.bradley_terry(c, r, margin=margin, center_coefficient=center),
+         lambda c, r: -_log_sigmoid(c - r - margin) + center * (c + r) ** 2, args32, args64)

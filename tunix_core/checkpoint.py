@@ -57,7 +57,7 @@ class Checkpointer:
     self._manager.close()
 
 
-def resolve_parameters_path(path: str) -> str:
+def resolve_parameters_path(path: str, key: str = "load_parameters_path") -> str:
   """A run directory (its latest step), its checkpoints/ directory, one step's directory or that step's
   params/ -> the params item."""
   path = os.path.abspath(path)
@@ -69,18 +69,19 @@ def resolve_parameters_path(path: str) -> str:
     return os.path.join(path, "params")
   steps = [int(name) for name in os.listdir(path) if name.isdigit()] if os.path.isdir(path) else []
   if not steps:
-    raise UserError(f"load_parameters_path={path}: no checkpoint found; expected a run directory, its "
+    raise UserError(f"{key}={path}: no checkpoint found; expected a run directory, its "
                     f"checkpoints/ directory or a step directory holding params/")
   return os.path.join(path, str(max(steps)), "params")
 
 
-def load_parameters(path: str, abstract_params: Any) -> Any:
-  """Reads only the params of another run's checkpoint into `abstract_params`' shapes and shardings."""
-  item = resolve_parameters_path(path)
+def load_parameters(path: str, abstract_params: Any, key: str = "load_parameters_path") -> Any:
+  """Reads only the params of another run's checkpoint into `abstract_params`' shapes and shardings; `key` is the
+  config key that named the path, for errors."""
+  item = resolve_parameters_path(path, key)
   try:
     return ocp.StandardCheckpointer().restore(item, abstract_params)
   except (ValueError, KeyError) as e:
-    raise UserError(f"load_parameters_path={path}: its params do not match this model ({str(e).splitlines()[0]}); "
+    raise UserError(f"{key}={path}: its params do not match this model ({str(e).splitlines()[0]}); "
                     f"use the same model settings as the run that wrote it") from None
 
 

@@ -22,7 +22,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yml"
 
 CHOICES = {
-    "mode": ("sft", "dpo", "orpo", "simpo"),
+    "mode": ("sft", "dpo", "orpo", "simpo", "rm"),
     "peft": ("none", "lora", "qlora"),
     "qlora_dtype": ("nf4", "int4", "int8"),
     "dpo_loss": ("sigmoid", "ipo", "hinge", "robust"),
@@ -47,7 +47,7 @@ NON_NEGATIVE = ("eval_interval", "loss_chunk_size", "sample_max_new_tokens", "le
                 "adam_weight_decay", "gradient_clipping_threshold", "init_weights_std", "seed", "rope_factor",
                 "local_rope_max_timescale", "sliding_window_size", "attn_logits_soft_cap", "final_logits_soft_cap",
                 "query_pre_attn_scalar", "lora_alpha", "orpo_lambda", "simpo_beta", "simpo_gamma",
-                "temperature", "top_k")
+                "temperature", "top_k", "rm_margin", "rm_center_rewards_coefficient")
 LAYER_TYPES = ("sliding_attention", "full_attention")
 FRACTIONS = ("top_p", "min_p", "dpo_label_smoothing", "warmup_steps_fraction", "cosine_learning_rate_final_fraction", "adam_b1", "adam_b2")
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
@@ -195,6 +195,7 @@ def validate(cfg: dict[str, Any]) -> None:
     raise UserError(f"precompute_reference=true replaces DPO's frozen reference copy in full fine-tuning; with "
                     f"mode={cfg['mode']} peft={cfg['peft']} there is none to replace (LoRA/QLoRA's reference is the "
                     "base with adapters off); set precompute_reference=false")
+  _validate_reward_model(cfg)
   if cfg["attention"] == "cudnn" and cfg["attn_logits_soft_cap"]:
     raise UserError("attention=cudnn cannot soft-cap attention logits (attn_logits_soft_cap); use flash or xla")
   if not float(cfg["query_pre_attn_scalar"]).is_integer():
@@ -216,6 +217,15 @@ def validate(cfg: dict[str, Any]) -> None:
     raise UserError("dataset_type=tfds needs dataset_name=<tfds name>")
   _validate_generation(cfg)
   sharding.logical_rules(ml_collections.ConfigDict({"logical_axis_rules": cfg["logical_axis_rules"]}))
+
+
+def _validate_reward_model(cfg: dict[str, Any]) -> None:
+  if cfg["mode"] == "rm" and cfg["peft"] != "none":
+    raise UserError(f"mode=rm trains the whole reward model (decoder and value head); peft={cfg['peft']} is not "
+                    "supported there; set peft=none")
+  if cfg["critic_load_parameters_path"] and cfg["mode"] != "rm":
+    raise UserError(f"critic_load_parameters_path starts a value model, which mode={cfg['mode']} has none of; "
+                    "use load_parameters_path for the policy's weights, or mode=rm")
 
 
 def _validate_generation(cfg: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@
       [--adapters_only]
 
 The result loads with transformers' AutoModelForCausalLM, and with hf_path=<out_dir> here (bit-exactly).
+A reward model (mode=rm) is written as *ForSequenceClassification (the decoder, and its head as score.weight).
 A LoRA/QLoRA run is exported merged (its adapters folded into the dequantized base it started from), or with
 --adapters_only as a Hugging Face PEFT adapter directory.
 Training writes the same at its end when export_hf_path= is set.
@@ -51,7 +52,8 @@ def write(config, model_config, params: dict, out_dir: str, dtype: str | None = 
   if jax.process_index() == 0:
     token_ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-      json.dump(hf_config.to_config_json(config, token_ids), f, indent=2)
+      json.dump(hf_config.to_config_json(config, token_ids, sequence_classification="value_head" in params), f,
+                indent=2)
     written += ["config.json", *copy_tokenizer(config.tokenizer_path, out_dir)]
   return written
 
@@ -87,7 +89,7 @@ def write_adapters(config, lora: peft.LoraModel, adapters: dict, out_dir: str) -
   return ["adapter_model.safetensors", "adapter_config.json"]
 
 
-def _run_config(path: str) -> tuple[str, str]:
+def find_run(path: str) -> tuple[str, str]:
   """(run directory, params item) for a run directory or one checkpoint step directory."""
   path = os.path.abspath(path)
   if os.path.isfile(os.path.join(path, "config.yml")):
@@ -103,7 +105,7 @@ def export(source: str, out_dir: str, dtype: str | None, max_shard_bytes: int, a
   from tunix_core import train  # pylint: disable=import-outside-toplevel
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     raise UserError(f"{out_dir} exists and is not empty; choose a new output directory")
-  run_dir, params_item = _run_config(source)
+  run_dir, params_item = find_run(source)
   with open(os.path.join(run_dir, "config.yml")) as f:
     saved = yaml.safe_load(f)
   config = config_lib.load_saved(saved)

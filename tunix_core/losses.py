@@ -5,9 +5,31 @@ backward pass ever holds a [batch, length, vocab] float32 array: only [chunk, vo
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+
+def map_token_chunks(fn: Callable[..., Any], chunk_size: int, hidden: jax.Array, *per_token: jax.Array) -> Any:
+  """fn over the tokens of hidden [..., E] (and of arrays per_token [...]) in chunks of chunk_size tokens.
+
+  fn(hidden [n, E], *per_token [n]) returns a pytree of [n] arrays; the result holds them shaped [...].
+  Each chunk runs under jax.checkpoint, so the backward pass recomputes a chunk's logits instead of keeping
+  them all. chunk_size 0 = all tokens at once.
+  """
+  lead_shape = hidden.shape[:-1]
+  flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+  flat = [x.reshape(-1) for x in per_token]
+  total = flat_hidden.shape[0]
+  if chunk_size <= 0 or chunk_size >= total:
+    return jax.tree.map(lambda out: out.reshape(lead_shape), fn(flat_hidden, *flat))
+  num_chunks = -(-total // chunk_size)
+  pad = num_chunks * chunk_size - total
+  chunks = (jnp.pad(flat_hidden, ((0, pad), (0, 0))).reshape(num_chunks, chunk_size, -1),
+            *(jnp.pad(x, (0, pad)).reshape(num_chunks, chunk_size) for x in flat))
+  outputs = jax.lax.map(jax.checkpoint(lambda chunk: fn(*chunk)), chunks)
+  return jax.tree.map(lambda out: out.reshape(-1)[:total].reshape(lead_shape), outputs)
 
 
 def token_log_probs(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array,
@@ -16,30 +38,25 @@ def token_log_probs(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Arr
 
   chunk_size is in tokens (0 = all at once). The gather picks the target logit by index, never a one-hot.
   """
-  lead_shape = targets.shape
-  flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-  flat_targets = targets.reshape(-1)
-  total = flat_targets.shape[0]
-
   def chunk_log_probs(h: jax.Array, t: jax.Array) -> jax.Array:
     logits = logits_fn(h).astype(jnp.float32)
     target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
     return target_logit - jax.nn.logsumexp(logits, axis=-1)
 
-  if chunk_size <= 0 or chunk_size >= total:
-    return chunk_log_probs(flat_hidden, flat_targets).reshape(lead_shape)
-  num_chunks = -(-total // chunk_size)
-  pad = num_chunks * chunk_size - total
-  flat_hidden = jnp.pad(flat_hidden, ((0, pad), (0, 0)))
-  flat_targets = jnp.pad(flat_targets, (0, pad))
-  chunks = (flat_hidden.reshape(num_chunks, chunk_size, -1), flat_targets.reshape(num_chunks, chunk_size))
-  log_probs = jax.lax.map(jax.checkpoint(lambda c: chunk_log_probs(*c)), chunks)
-  return log_probs.reshape(-1)[:total].reshape(lead_shape)
+  return map_token_chunks(chunk_log_probs, chunk_size, hidden, targets)
 
 
 def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
   """Sum of values where mask is set, in float32."""
   return jnp.sum(values.astype(jnp.float32) * mask.astype(jnp.float32))
+
+
+def last_index(mask: jax.Array) -> jax.Array:
+  """Index of the last set entry along the last axis of mask [..., T] -> int32 [...] (0 for an empty row)."""
+  flags = mask > 0
+  length = flags.shape[-1]
+  return jnp.where(jnp.any(flags, axis=-1), length - 1 - jnp.argmax(jnp.flip(flags, axis=-1), axis=-1), 0
+                   ).astype(jnp.int32)
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:

@@ -30,7 +30,7 @@ from tunix_core.data import pipeline, preference, tokenizer as tokenizer_lib
 from tunix_core.errors import UserError
 from tunix_core.generate import sampler
 from tunix_core.generate.sampling import SamplingParams
-from tunix_core.models import hf_weights
+from tunix_core.models import hf_weights, value_head
 from tunix_core.modes import MODES
 
 # {"params": trainable pure dict, "opt_state": optax state, "step": int32 scalar,
@@ -121,12 +121,13 @@ def mode_loss(mode, graphdef: nnx.GraphDef, config, params, frozen: dict, batch:
 
 def make_eval_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigDict, shardings: TrainState,
                    batch_sharding: NamedSharding) -> Callable:
-  """Jitted (loss_sum, weight) of the mode's loss on one [micro_batch, length] batch, for (params, frozen)."""
+  """Jitted (loss_sum, weight, metric sums) of the mode's loss on one [micro_batch, length] batch, for (params,
+  frozen)."""
   mode = MODES[config.mode]
 
   def eval_step(params, frozen, batch):
     out = mode_loss(mode, graphdef, config, params, frozen, batch)
-    return out.loss_sum, out.weight
+    return out.loss_sum, out.weight, out.metrics
 
   return jax.jit(eval_step, in_shardings=(shardings["params"], shardings["frozen"],
                                          batch_shardings(config, batch_sharding)))
@@ -149,11 +150,13 @@ def model_flops_per_token(config, num_params: int) -> float:
       num_embedding_params=0 if config.logits_via_embedding else config.vocab_size * config.base_emb_dim)
 
 
-def evaluate(eval_step: Callable, state: TrainState, batches: list[dict[str, jax.Array]]) -> float:
-  """Weighted eval loss over the given batches (one host sync at the end)."""
-  totals = [eval_step(state["params"], state["frozen"], batch) for batch in batches]
-  loss_sum, weight = jax.device_get((sum(t[0] for t in totals), sum(t[1] for t in totals)))
-  return float(loss_sum / max(weight, 1.0))
+def evaluate(eval_step: Callable, state: TrainState, batches: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """{"eval/loss": the weighted eval loss, "eval/<metric>": each mode metric likewise} over the given batches (one
+  host sync at the end)."""
+  totals = jax.device_get([eval_step(state["params"], state["frozen"], batch) for batch in batches])
+  denominator = max(float(sum(t[1] for t in totals)), 1.0)
+  metrics = {f"eval/{key}": float(sum(t[2][key] for t in totals)) / denominator for key in totals[0][2]}
+  return {"eval/loss": float(sum(t[0] for t in totals)) / denominator, **metrics}
 
 
 class Setup(NamedTuple):
@@ -161,9 +164,10 @@ class Setup(NamedTuple):
   mesh: Mesh
   rules: tuple
   model_config: models.ModelConfig
-  graphdef: nnx.GraphDef                 # the plain model (export, sampling)
+  graphdef: nnx.GraphDef                 # the plain model (export, sampling); for value_model its ValueModel
   abstract_params: Any                   # the plain model's parameters
   param_shardings: Any
+  value_model: bool                      # the model is value_head.ValueModel (mode=rm): the decoder + a scalar head
   lora: peft.LoraModel | None            # LoRA/QLoRA: the adapted graph, adapters (trained) and base (frozen)
   needs_reference: bool
   shardings: TrainState
@@ -183,13 +187,23 @@ class Setup(NamedTuple):
     return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32), "frozen": frozen}
 
   def starting_params(self, config) -> dict:
-    """The plain weights training starts from: load_parameters_path, else hf_path, else a seeded init."""
+    """The plain weights training starts from: load_parameters_path, else hf_path, else a seeded init. A value model
+    starts from critic_load_parameters_path, else from those weights as its decoder under a zero value head."""
+    if self.value_model:
+      return value_head.starting_params(
+          config.critic_load_parameters_path, self.abstract_params, self.param_shardings,
+          lambda: self.policy_params(config, self.abstract_params["decoder"], self.param_shardings["decoder"]))
+    return self.policy_params(config, self.abstract_params, self.param_shardings)
+
+  def policy_params(self, config, abstract_params, shardings) -> dict:
+    """The decoder's starting weights (abstract_params/shardings: the Transformer's): load_parameters_path, else
+    hf_path, else a seeded init."""
     if config.load_parameters_path:
-      return checkpoint.load_parameters(
-          config.load_parameters_path, checkpoint.abstract_with_shardings(self.abstract_params, self.param_shardings))
+      return checkpoint.load_parameters(config.load_parameters_path,
+                                        checkpoint.abstract_with_shardings(abstract_params, shardings))
     if config.hf_path:
-      return hf_weights.load(config.hf_path, self.model_config, self.abstract_params, self.param_shardings)
-    return models.init_params(self.model_config, config.seed, self.param_shardings)
+      return hf_weights.load(config.hf_path, self.model_config, abstract_params, shardings)
+    return models.init_params(self.model_config, config.seed, shardings)
 
   def plain_params(self, state: TrainState) -> dict:
     """The plain model's parameters of a state (LoRA adapters folded into the base)."""
@@ -228,9 +242,11 @@ def build(config: ml_collections.FrozenConfigDict) -> Setup:
   mesh = sharding.build_mesh(config)
   rules = sharding.logical_rules(config)
   peft_config = peft.PeftConfig.from_config(config)
+  value_model = config.mode in VALUE_MODEL_MODES
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     model_config = models.ModelConfig.from_config(config)
-    graphdef, abstract_state = models.abstract_model(model_config)
+    graphdef, abstract_state = models.abstract_model(
+        model_config, value_head.ValueModel if value_model else models.Transformer)
     abstract_params = nnx.to_pure_dict(abstract_state)
     param_shardings = models.param_shardings(abstract_state, mesh)
     lora = peft.lora_model(model_config, peft_config, mesh) if peft_config else None
@@ -247,14 +263,15 @@ def build(config: ml_collections.FrozenConfigDict) -> Setup:
   eval_batch_sharding = sharding.batch_sharding(mesh, rules)
   return Setup(
       mesh=mesh, rules=rules, model_config=model_config, graphdef=graphdef, abstract_params=abstract_params,
-      param_shardings=param_shardings, lora=lora, needs_reference=needs_reference, shardings=shardings, tx=tx,
+      param_shardings=param_shardings, value_model=value_model, lora=lora, needs_reference=needs_reference, shardings=shardings, tx=tx,
       train_step=make_train_step(step_graphdef, config, tx, optimizers.learning_rate_schedule(config), shardings,
                                  train_batch_sharding),
       eval_step=make_eval_step(step_graphdef, config, shardings, eval_batch_sharding),
       train_batch_sharding=train_batch_sharding, eval_batch_sharding=eval_batch_sharding)
 
 
-PREFERENCE_MODES = ("dpo", "orpo", "simpo")
+PREFERENCE_MODES = ("dpo", "orpo", "simpo", "rm")
+VALUE_MODEL_MODES = ("rm",)  # modes that train a value_head.ValueModel (the decoder + a scalar head), not the LM
 
 
 def starting_point(config) -> str:
@@ -352,8 +369,9 @@ def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_bat
         if pending is not None:
           flush(*pending)
           pending = None
-        summary["eval_loss"] = evaluate(setup.eval_step, state, eval_batches)
-        writer.write(step, {"eval/loss": summary["eval_loss"]})
+        eval_metrics = evaluate(setup.eval_step, state, eval_batches)
+        summary["eval_loss"] = eval_metrics["eval/loss"]
+        writer.write(step, eval_metrics)
       if checkpointer and (step % config.checkpoint_period == 0 or step == config.steps):
         checkpointer.save(step, state, train_iterator, {"step": step, "run_name": config.run_name, "peft": config.peft,
                                                         "base": starting_point(config)})
@@ -364,8 +382,9 @@ def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_bat
   if config.export_hf_path:
     export.write(config, setup.model_config, setup.plain_params(state), config.export_hf_path)
     summary["export_hf_path"] = config.export_hf_path
+  # A value model has no use for its output head: nothing to sample.
   summary["sample"] = _sample(config, setup.graphdef, setup.plain_params(state), tokenizer) \
-      if config.sample_max_new_tokens else None
+      if config.sample_max_new_tokens and not setup.value_model else None
   return summary
 
 

@@ -16,6 +16,8 @@ row (no packing): rows alternate chosen, rejected, chosen, rejected... (row 2i i
 2i+1 its rejected one), so any even-sized contiguous split of the rows keeps pairs together. The number of rows
 per batch and per micro-batch must therefore be even. `pair_index` [rows] int32 names each row's record in the
 source (-1 for padding), which is how precomputed reference log-probs (tunix_core/reference.py) find their rows.
+For mode=rm the rows' inputs hold each whole sequence (one padding id is appended before the shift to inputs and
+targets), because a reward model reads the sequence's last token.
 
 Over-long pairs (either sequence longer than max_target_length + 1 ids): long_examples=truncate cuts both to
 max_target_length + 1 ids, keeping the start of the prompt and the start of the completion (the whole prompt when
@@ -38,8 +40,8 @@ from tunix_core.data.pipeline import _ProcessSlice, _SkipDropped, data_stats, ev
 from tunix_core.data.tokenizer import Tokenizer
 from tunix_core.errors import UserError
 
-__all__ = ["make_preference_iterator", "make_preference_eval_batches", "make_preference_pass", "data_stats",
-           "PreferenceFields"]
+__all__ = ["make_preference_iterator", "make_preference_eval_batches", "make_preference_pass", "sequence_rows",
+           "data_stats", "PreferenceFields"]
 
 # One encoded sequence: token ids, per-id loss mask (1 = counts as a target), and the prompt's length in ids.
 _Sequence = tuple[list[int], list[int], int]
@@ -139,6 +141,7 @@ class _PairEncoder(_Encoder):
     super().__init__(inner, tokenizer)
     self._fields = PreferenceFields.from_config(config)
     self._every_token = not config.completion_only_loss
+    self._whole_sequence = config.mode == "rm"
 
   def pair(self, record: dict) -> tuple[_Sequence, _Sequence]:
     prompt, chosen, rejected = self._fields.split(record)
@@ -152,6 +155,10 @@ class _PairEncoder(_Encoder):
     prompt_length = mask.index(1) if 1 in mask else len(ids)
     if self._every_token:
       mask = [1] * len(ids)
+    if self._whole_sequence:
+      # A reward model reads each sequence's last token (its EOS, with add_eos) from the rows' inputs, which hold
+      # ids[:-1]: one padding id after the end puts the whole sequence there.
+      ids, mask = ids + [self._tokenizer.pad_id], mask + [0]
     return ids, mask, prompt_length
 
   def _chat_sequence(self, prompt: list[dict], completion: list[dict]) -> tuple[list[int], list[int]]:
@@ -302,6 +309,20 @@ def _batches_in_file_order(config, tokenizer: Tokenizer, source, pairs: int, num
       batch_pairs.append(padding if pair is None or pair["drop"] else pair)
     batches.append(_interleave({key: np.stack([p[key] for p in batch_pairs]) for key in (*FEATURES, *ROW_FEATURES)}))
   return batches
+
+
+def sequence_rows(config: ml_collections.FrozenConfigDict, tokenizer: Tokenizer, prompts: list, completions: list
+                  ) -> dict[str, np.ndarray]:
+  """Rows [n, max_target_length] (FEATURES) of (prompt, completion) sequences, each encoded as training encodes one
+  side of a pair (text or chat, as in the module doc); over-long ones keep the prompt's start and the completion's
+  start, as long_examples=truncate. What a trained reward model scores."""
+  encoder, length = _PairEncoder(config, tokenizer), config.max_target_length
+  rows = []
+  for prompt, completion in zip(prompts, completions, strict=True):
+    sequence = encoder.sequence(prompt, [completion] if isinstance(completion, dict) else completion)
+    ids, mask = _fit((sequence,), length + 1)[0] if len(sequence[0]) > length + 1 else sequence[:2]
+    rows.append(_padded_row(_example(ids, mask, length, "truncate"), length))
+  return {key: np.stack([row[key] for row in rows]) for key in FEATURES}
 
 
 def sample_prompt(config: ml_collections.FrozenConfigDict) -> str | list[dict]:

@@ -11,10 +11,11 @@ from tunix_core.models.transformer import ModelConfig, Transformer
 __all__ = ["ModelConfig", "Transformer", "abstract_model", "param_shardings", "init_params", "num_params"]
 
 
-def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
-  """The model's graph and its parameter state as shapes with logical-axis metadata (no memory used)."""
+def abstract_model(cfg: ModelConfig, module: type[nnx.Module] = Transformer) -> tuple[nnx.GraphDef, nnx.State]:
+  """The model's graph and its parameter state as shapes with logical-axis metadata (no memory used); `module` is
+  the Transformer, or a module built around it (value_head.ValueModel)."""
   with nnx.use_eager_sharding(False):
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: module(cfg, rngs=nnx.Rngs(0)))
   return nnx.split(model)
 
 

@@ -20,6 +20,15 @@ MODEL_TYPES = {
     "gemma2": ("gemma2", "Gemma2ForCausalLM"),
     "gemma3_text": ("gemma3", "Gemma3ForCausalLM"),
 }
+# model_type -> the architecture a reward model (value_head.ValueModel) is written as: one score per sequence.
+SEQUENCE_CLASSIFICATION = {
+    "llama": "LlamaForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "qwen3": "Qwen3ForSequenceClassification",
+    "gemma": "GemmaForSequenceClassification",
+    "gemma2": "Gemma2ForSequenceClassification",
+    "gemma3_text": "Gemma3TextForSequenceClassification",
+}
 EXPORT_MODEL_TYPE = {block: model_type for model_type, (block, _) in MODEL_TYPES.items()}
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                "gelu": "gelu", "relu": "relu"}
@@ -134,8 +143,10 @@ def config_keys(directory: str) -> dict[str, Any]:
   return keys
 
 
-def to_config_json(config, token_ids: dict[str, int | None]) -> dict[str, Any]:
-  """config.json in transformers-5 form for the configured model; token_ids: bos/eos/pad ids or None."""
+def to_config_json(config, token_ids: dict[str, int | None], sequence_classification: bool = False
+                   ) -> dict[str, Any]:
+  """config.json in transformers-5 form for the configured model; token_ids: bos/eos/pad ids or None.
+  sequence_classification: a reward model, one label (a scalar score per sequence)."""
   block = config.decoder_block
   model_type = EXPORT_MODEL_TYPE[block]
   full = {"rope_type": config.rope_type, "rope_theta": config.rope_max_timescale}
@@ -171,6 +182,9 @@ def to_config_json(config, token_ids: dict[str, int | None]) -> dict[str, Any]:
       "pad_token_id": token_ids.get("pad"),
       "dtype": config.weight_dtype,
   }
+  if sequence_classification:
+    hf.update(architectures=[SEQUENCE_CLASSIFICATION[model_type]], id2label={"0": "LABEL_0"},
+              label2id={"LABEL_0": 0})
   if block == "qwen2":
     hf["use_sliding_window"] = False
   if block in ("gemma2", "gemma3"):

@@ -110,6 +110,11 @@ def _global_maps(cfg: ModelConfig) -> list[TensorMap]:
   return maps
 
 
+# A value model's head (value_head.ValueModel, {"decoder", "value_head"} params) is Hugging Face
+# *ForSequenceClassification's score: ours [E], theirs [num_labels = 1, E].
+SCORE_MAP = TensorMap(("value_head",), "score.weight", (0, 1), (0,))
+
+
 def get_path(tree: dict, path: tuple) -> Any:
   """tree[path[0]][path[1]]... for a nested params dict."""
   for key in path:
@@ -277,7 +282,12 @@ def load(directory: str, cfg: ModelConfig, abstract_params: dict, shardings: dic
 
 
 def hf_tensors(cfg: ModelConfig, params: dict) -> Iterator[tuple[str, Any]]:
-  """(HF name, our array or its layer slice) for every tensor, in checkpoint order; arrays stay lazy."""
+  """(HF name, our array or its layer slice) for every tensor, in checkpoint order; arrays stay lazy. A value
+  model's params are written as *ForSequenceClassification's: the decoder without lm_head, then score.weight."""
+  if "value_head" in params:
+    yield from ((name, entry) for name, entry in hf_tensors(cfg, params["decoder"]) if name != "lm_head.weight")
+    yield SCORE_MAP.hf_name, (SCORE_MAP, params["value_head"])
+    return
   for m in _global_maps(cfg):
     yield m.hf_name, (m, get_path(params, m.ours))
   for i in range(cfg.num_layers):

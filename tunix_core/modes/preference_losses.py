@@ -1,4 +1,4 @@
-"""Per-pair preference losses: DPO (sigmoid, ipo, hinge, robust), ORPO and SimPO.
+"""Per-pair preference losses: DPO (sigmoid, ipo, hinge, robust), ORPO, SimPO and the reward model's Bradley-Terry.
 
 Every function takes float arrays of shape [pairs] (computed in float32) and returns (losses, chosen_rewards,
 rejected_rewards), each float32 [pairs]. Losses are per pair; the caller reduces them. Rewards are the implicit
@@ -86,6 +86,20 @@ def simpo(chosen_mean_logps: jax.Array, rejected_mean_logps: jax.Array, *, beta:
   chosen, rejected = _f32(chosen_mean_logps), _f32(rejected_mean_logps)
   losses = -jax.nn.log_sigmoid(beta * (chosen - rejected) - gamma)
   return losses, _reward(beta, chosen), _reward(beta, rejected)
+
+
+def bradley_terry(chosen_rewards: jax.Array, rejected_rewards: jax.Array, *, margin: float = 0.0,
+                  center_coefficient: float = 0.0) -> Losses:
+  """Reward-model loss on a pair's scalar rewards (Ouyang et al. 2022, arXiv 2203.02155, eq. 1; TRL RewardTrainer):
+  -log s(r_c - r_r - margin) + center_coefficient (r_c + r_r)^2.
+
+  margin > 0 asks for a gap of at least that much (Llama 2's margin, one value for every pair here); the centering
+  term (Eisenstein et al. 2023, TRL center_rewards_coefficient) keeps the rewards' mean near 0, since the
+  Bradley-Terry term only sees differences. Returns the rewards themselves, without gradient, for metrics.
+  """
+  chosen, rejected = _f32(chosen_rewards), _f32(rejected_rewards)
+  losses = -jax.nn.log_sigmoid(chosen - rejected - margin) + center_coefficient * jnp.square(chosen + rejected)
+  return losses, _reward(1.0, chosen), _reward(1.0, rejected)
 
 
 def _reward(scale: float, log_ratio: jax.Array) -> jax.Array:

@@ -1,0 +1,1 @@
+"""Reinforcement learning from rewards: PPO's and GRPO's numerics, rewards and reward models."""
