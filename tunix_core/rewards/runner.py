@@ -44,8 +44,12 @@ def resolve(config) -> list[RewardFunction]:
   """The configured reward functions with their weights (reward_weights, or 1 each when empty)."""
   names = list(config.reward_functions)
   weights = list(config.reward_weights) or [1.0] * len(names)
-  return [RewardFunction(name, BUILTINS[name](config) if name in BUILTINS else _import(name), float(weight))
-          for name, weight in zip(names, weights)]
+  return [RewardFunction(name, resolve_one(config, name).fn, float(weight)) for name, weight in zip(names, weights)]
+
+
+def resolve_one(config, name: str) -> RewardFunction:
+  """One reward function by name (eval_verifier), weight 1."""
+  return RewardFunction(name, BUILTINS[name](config) if name in BUILTINS else _import(name), 1.0)
 
 
 @dataclasses.dataclass
@@ -55,6 +59,17 @@ class Scores:
   total: np.ndarray
   per_function: dict[str, np.ndarray]
   errors: dict[str, int]
+
+  def slice(self, start: int, stop: int) -> "Scores":
+    return Scores(self.total[start:stop], {k: v[start:stop] for k, v in self.per_function.items()},
+                  {k: (stop - start) if v else 0 for k, v in self.errors.items()})  # a failed call covers every row
+
+  @staticmethod
+  def concatenate(parts: Sequence["Scores"]) -> "Scores":
+    names = parts[0].per_function
+    return Scores(np.concatenate([p.total for p in parts]),
+                  {k: np.concatenate([p.per_function[k] for p in parts]) for k in names},
+                  {k: sum(p.errors[k] for p in parts) for k in names})
 
   def metrics(self) -> dict[str, float]:
     out = {"reward/mean": float(self.total.mean()), "reward/std": float(self.total.std())}
