@@ -74,7 +74,7 @@ def token_rows(prompt_ids: list[list[int]], completion_ids: list[list[int]], len
   return out
 
 
-def _log_probs(graphdef: nnx.GraphDef, config, params, frozen: dict, batch: dict, *, policy: bool,
+def _log_probs(graphdef: nnx.GraphDef, config, params, frozen: dict, batch: dict, policy: bool,
                reference: bool) -> dict[str, jax.Array]:
   out = {}
   if "base" in frozen:
@@ -105,7 +105,7 @@ class RolloutContext:
     token_shardings = {k: setup.eval_batch_sharding for k in TOKEN_KEYS}
     self._log_probs = jax.jit(functools.partial(_log_probs, graphdef, config),
                               in_shardings=(shardings["params"], shardings["frozen"], token_shardings),
-                              out_shardings=replicated, static_argnames=("policy", "reference"))
+                              out_shardings=replicated, static_argnums=(3, 4))
 
   def _timed(self, name: str, fn: Callable, *args, **kwargs):
     start = time.perf_counter()
@@ -154,7 +154,7 @@ class RolloutContext:
       for start in range(0, total, micro):
         local = {k: rows[k][start:start + micro] for k in TOKEN_KEYS}
         batch = distributed.global_batch(_process_part(local, self.config), self.setup.eval_batch_sharding, micro)
-        parts.append(self._log_probs(state["params"], state["frozen"], batch, policy=policy, reference=reference))
+        parts.append(self._log_probs(state["params"], state["frozen"], batch, policy, reference))
       return {k: np.concatenate([np.asarray(jax.device_get(p[k])) for p in parts]) for k in parts[0]}
 
     return self._timed("log_probs", run)
