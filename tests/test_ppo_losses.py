@@ -152,7 +152,7 @@ def test_entropy_values_and_gradients(chunk_size):
   h32, k32 = jnp.asarray(hidden, jnp.float32), jnp.asarray(kernel, jnp.float32)
   want, log_p = _entropy_reference(hidden, kernel)
   np.testing.assert_allclose(run(h32, k32), want, rtol=1e-5, atol=1e-5)
-  log_probs, entropy = ppo_losses.token_log_probs_and_entropy(lambda x: x @ k32, h32, jnp.asarray(targets),
+  log_probs, entropy = losses.token_log_probs_and_entropy(lambda x: x @ k32, h32, jnp.asarray(targets),
                                                               chunk_size)
   np.testing.assert_allclose(entropy, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(log_probs, np.take_along_axis(log_p, targets[..., None], -1)[..., 0], rtol=1e-5,

@@ -22,7 +22,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yml"
 
 CHOICES = {
-    "mode": ("sft", "dpo", "orpo", "simpo", "rm"),
+    "mode": ("sft", "dpo", "orpo", "simpo", "rm", "grpo"),
     "peft": ("none", "lora", "qlora"),
     "qlora_dtype": ("nf4", "int4", "int8"),
     "dpo_loss": ("sigmoid", "ipo", "hinge", "robust"),
@@ -36,18 +36,32 @@ CHOICES = {
     "long_examples": ("truncate", "drop"),
     "opt_type": ("adamw", "adam", "sgd", "adafactor"),
     "learning_rate_schedule": ("cosine", "linear", "constant"),
+    "loss_algo": ("grpo", "gspo_token", "dr_grpo", "dapo"),
+    "kl_estimator": ("k1", "k2", "k3"),
+    "scale_rewards": ("auto", "group", "batch", "none"),
+    "loss_aggregation": ("auto", "token-mean", "sequence-mean-token-mean", "sequence-mean-token-sum",
+                         "sequence-mean-token-sum-norm"),
+    "dynamic_sampling": ("auto", "on", "off"),
 }
+RL_MODES = ("grpo",)
+# What loss_algo sets when a key says "auto" (and epsilon_high 0): (scale_rewards, loss_aggregation, dynamic sampling).
+ALGO_DEFAULTS = {"grpo": ("group", "sequence-mean-token-mean", "off"),
+                 "gspo_token": ("group", "sequence-mean-token-mean", "off"),
+                 "dr_grpo": ("none", "sequence-mean-token-sum-norm", "off"),
+                 "dapo": ("group", "token-mean", "on")}
+DAPO_EPSILON_HIGH = 0.28
 ACTIVATION_CHOICES = ("silu", "gelu", "gelu_tanh", "relu", "linear")
 POSITIVE = ("lora_rank", "qlora_tile_size", "dpo_beta", "steps", "vocab_size", "base_emb_dim", "base_num_query_heads", "base_num_kv_heads", "head_dim",
             "base_mlp_dim", "base_num_decoder_layers", "gradient_accumulation_steps", "checkpoint_period",
             "max_num_checkpoints_to_keep", "log_period", "per_device_batch_size", "normalization_layer_epsilon",
             "rope_max_timescale", "stack_trace_interval_seconds", "max_new_tokens", "num_samples", "beam_width",
-            "generate_batch_size")
+            "generate_batch_size", "num_generations", "num_iterations", "max_sampling_rounds")
 NON_NEGATIVE = ("eval_interval", "loss_chunk_size", "sample_max_new_tokens", "learning_rate", "adam_eps",
                 "adam_weight_decay", "gradient_clipping_threshold", "init_weights_std", "seed", "rope_factor",
                 "local_rope_max_timescale", "sliding_window_size", "attn_logits_soft_cap", "final_logits_soft_cap",
                 "query_pre_attn_scalar", "lora_alpha", "orpo_lambda", "simpo_beta", "simpo_gamma",
-                "temperature", "top_k", "rm_margin", "rm_center_rewards_coefficient")
+                "temperature", "top_k", "rm_margin", "rm_center_rewards_coefficient", "rollout_batch_size", "beta",
+                "epsilon", "epsilon_high", "dual_clip_c", "reward_timeout_s", "overlong_buffer_tokens")
 LAYER_TYPES = ("sliding_attention", "full_attention")
 FRACTIONS = ("top_p", "min_p", "dpo_label_smoothing", "warmup_steps_fraction", "cosine_learning_rate_final_fraction", "adam_b1", "adam_b2")
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
@@ -78,6 +92,10 @@ def _unknown_key(key: str, known: Sequence[str], source: str) -> UserError:
 def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
   """Converts `value` to the type of base.yml's default, or raises a UserError naming key and type."""
   from_text = isinstance(value, str)
+  if default is None:  # a number or null (reward_error_default)
+    if value is None or (from_text and value.strip().lower() in ("null", "none", "")):
+      return None
+    default = 0.0
   try:
     if isinstance(default, bool):
       if isinstance(value, bool):
@@ -108,8 +126,8 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
       return str(value)
   except (ValueError, TypeError, yaml.YAMLError):
     pass
-  expected = {bool: "true or false", int: "an integer", float: "a number", list: "a list like [a, b]",
-              str: "a string"}[type(default)]
+  expected = {bool: "true or false", int: "an integer", float: "a number or null" if key == "reward_error_default"
+              else "a number", list: "a list like [a, b]", str: "a string"}[type(default)]
   raise UserError(f"{key}={value!r} (from {source}): expected {expected}")
 
 
@@ -216,6 +234,7 @@ def validate(cfg: dict[str, Any]) -> None:
   if cfg["dataset_type"] == "tfds" and not cfg["dataset_name"]:
     raise UserError("dataset_type=tfds needs dataset_name=<tfds name>")
   _validate_generation(cfg)
+  _validate_rl(cfg)
   sharding.logical_rules(ml_collections.ConfigDict({"logical_axis_rules": cfg["logical_axis_rules"]}))
 
 
@@ -241,6 +260,60 @@ def _validate_generation(cfg: dict[str, Any]) -> None:
     raise UserError(f"prefill_length_buckets={buckets}: expected a non-empty list of positive integers")
   if any(not isinstance(s, str) or not s for s in cfg["stop_sequences"]):
     raise UserError(f"stop_sequences={cfg['stop_sequences']}: expected a list of non-empty strings")
+
+
+def _validate_rl(cfg: dict[str, Any]) -> None:
+  functions, weights = cfg["reward_functions"], cfg["reward_weights"]
+  if any(not isinstance(f, str) or not f for f in functions):
+    raise UserError(f"reward_functions={functions}: expected a list of names (built-ins or \"module:function\")")
+  if weights and (len(weights) != len(functions) or any(
+      isinstance(w, bool) or not isinstance(w, (int, float)) for w in weights)):
+    raise UserError(f"reward_weights={weights}: expected {len(functions)} numbers (one per reward function) or []")
+  if cfg["dual_clip_c"] and cfg["dual_clip_c"] <= 1.0:
+    raise UserError(f"dual_clip_c={cfg['dual_clip_c']}: must be above 1 (or 0 = off)")
+  if cfg["eval_num_prompts"] == 0 or cfg["eval_num_prompts"] < -1:
+    raise UserError(f"eval_num_prompts={cfg['eval_num_prompts']}: expected a positive number, or -1 for all")
+  if ("overlong" in functions or cfg["loss_algo"] == "dapo") and not (
+      0 < cfg["overlong_buffer_tokens"] <= cfg["max_new_tokens"]):
+    raise UserError(f"overlong_buffer_tokens={cfg['overlong_buffer_tokens']}: must be in 1..max_new_tokens "
+                    f"({cfg['max_new_tokens']}) for the overlong reward")
+  if cfg["mode"] not in RL_MODES:
+    return
+  if not functions:
+    raise UserError(f"mode={cfg['mode']} needs reward_functions (e.g. [math_answer])")
+  if cfg["num_generations"] < 2:
+    raise UserError(f"num_generations={cfg['num_generations']}: group advantages need at least 2 completions per prompt")
+  if cfg["temperature"] <= 0 or cfg["beam_width"] != 1:
+    raise UserError(f"mode={cfg['mode']} samples its rollouts: set temperature > 0 and beam_width=1")
+  if cfg["loss_algo"] == "dapo" and cfg["beta"]:
+    raise UserError(f"loss_algo=dapo uses no KL term; set beta=0 (got {cfg['beta']})")
+  if cfg["max_target_length"] <= cfg["max_new_tokens"]:
+    raise UserError(f"max_target_length={cfg['max_target_length']} must hold a prompt and max_new_tokens="
+                    f"{cfg['max_new_tokens']} completion tokens")
+
+
+def _resolve_rl(cfg: dict[str, Any]) -> dict[str, Any]:
+  """loss_algo's settings in place of "auto", and the rollout batch's size, checked against the step's batch."""
+  scale, aggregation, dynamic = ALGO_DEFAULTS[cfg["loss_algo"]]
+  resolved = {"scale_rewards": scale if cfg["scale_rewards"] == "auto" else cfg["scale_rewards"],
+              "loss_aggregation": aggregation if cfg["loss_aggregation"] == "auto" else cfg["loss_aggregation"],
+              "dynamic_sampling": dynamic if cfg["dynamic_sampling"] == "auto" else cfg["dynamic_sampling"],
+              "epsilon_high": cfg["epsilon_high"] or (DAPO_EPSILON_HIGH if cfg["loss_algo"] == "dapo"
+                                                      else cfg["epsilon"])}
+  if cfg["mode"] not in RL_MODES:
+    return resolved
+  step_rows, group = cfg["global_batch_size"], cfg["num_generations"]
+  prompts = cfg["rollout_batch_size"]
+  if not prompts:
+    if step_rows % group:
+      raise UserError(f"one update's batch ({step_rows} completions) is not a whole number of groups of "
+                      f"num_generations={group}; set rollout_batch_size or change the batch")
+    prompts = step_rows // group
+  if (prompts * group) % step_rows:
+    raise UserError(f"rollout_batch_size={prompts} prompts x num_generations={group} = {prompts * group} completions "
+                    f"is not a whole number of update batches of {step_rows} (per_device_batch_size x devices x "
+                    "gradient_accumulation_steps)")
+  return {**resolved, "rollout_batch_size": prompts, "updates_per_rollout": prompts * group // step_rows}
 
 
 def derive(cfg: dict[str, Any], num_devices: int, num_processes: int, process_index: int,
@@ -281,6 +354,8 @@ def derive(cfg: dict[str, Any], num_devices: int, num_processes: int, process_in
       eval_batch_size=micro // num_processes, warmup_steps=int(cfg["warmup_steps_fraction"] * cfg["steps"]),
       run_dir=run_dir, checkpoint_dir=os.path.join(run_dir, "checkpoints"),
       tensorboard_dir=os.path.join(run_dir, "tensorboard"), metrics_file=os.path.join(run_dir, "metrics.jsonl"))
+  cfg.update(updates_per_rollout=0)
+  cfg.update(_resolve_rl(cfg))
   return cfg
 
 

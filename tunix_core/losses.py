@@ -46,6 +46,17 @@ def token_log_probs(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Arr
   return map_token_chunks(chunk_log_probs, chunk_size, hidden, targets)
 
 
+
+def token_log_probs_and_entropy(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array,
+                                targets: jax.Array, chunk_size: int = 0) -> tuple[jax.Array, jax.Array]:
+  """(log p(targets), entropy of the whole next-token distribution) per token, float32 [...], from one pass of the
+  head over each chunk (RL logs the entropy; PPO's entropy bonus differentiates it)."""
+  def chunk(h: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    log_probs = jax.nn.log_softmax(logits_fn(h).astype(jnp.float32), axis=-1)
+    return (jnp.take_along_axis(log_probs, t[:, None], axis=-1)[:, 0],
+            -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1))
+  return map_token_chunks(chunk, chunk_size, hidden, targets)
+
 def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
   """Sum of values where mask is set, in float32."""
   return jnp.sum(values.astype(jnp.float32) * mask.astype(jnp.float32))

@@ -32,6 +32,7 @@ from tunix_core.generate import sampler
 from tunix_core.generate.sampling import SamplingParams
 from tunix_core.models import hf_weights, value_head
 from tunix_core.modes import MODES
+from tunix_core.rl import data as rl_data, trainer as rl_trainer
 
 # {"params": trainable pure dict, "opt_state": optax state, "step": int32 scalar,
 #  "frozen": weights the step reads but never updates, e.g. {"reference": ...} for DPO}
@@ -96,11 +97,18 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigD
                  out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
+def mode_batch_keys(config) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(per-token, per-row) keys a batch carries beside BATCH_KEYS: precomputed reference log-probs, an RL mode's."""
+  mode = MODES[config.mode]
+  tokens, rows = mode.batch_keys(config) if hasattr(mode, "batch_keys") else ((), ())
+  return tokens, rows + ((REFERENCE_KEY,) if config.precompute_reference else ())
+
+
 def batch_shardings(config, batch_sharding: NamedSharding) -> dict[str, NamedSharding]:
-  """Each batch key's sharding: token arrays in `batch_sharding`, per-row reference log-probs without its length axis."""
-  shardings = {key: batch_sharding for key in BATCH_KEYS}
-  if config.precompute_reference:
-    shardings[REFERENCE_KEY] = distributed.row_sharding(batch_sharding)
+  """Each batch key's sharding: token arrays in `batch_sharding`, per-row values without its length axis."""
+  tokens, rows = mode_batch_keys(config)
+  shardings = {key: batch_sharding for key in (*BATCH_KEYS, *tokens)}
+  shardings.update({key: distributed.row_sharding(batch_sharding) for key in rows})
   return shardings
 
 
@@ -136,7 +144,8 @@ def make_eval_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigDi
 def to_device_batch(local: dict[str, np.ndarray], config, sharding_: NamedSharding, accumulate: bool
                     ) -> dict[str, jax.Array]:
   """This process's rows -> global arrays; training batches get a leading micro-batch axis."""
-  local = {k: local[k] for k in (*BATCH_KEYS, REFERENCE_KEY) if k in local}
+  tokens, rows = mode_batch_keys(config)
+  local = {k: local[k] for k in (*BATCH_KEYS, *tokens, *rows)}
   if accumulate:
     local = {k: v.reshape(config.gradient_accumulation_steps, -1, *v.shape[1:]) for k, v in local.items()}
   return distributed.global_batch(local, sharding_, config.micro_batch_size)
@@ -263,7 +272,8 @@ def build(config: ml_collections.FrozenConfigDict) -> Setup:
   eval_batch_sharding = sharding.batch_sharding(mesh, rules)
   return Setup(
       mesh=mesh, rules=rules, model_config=model_config, graphdef=graphdef, abstract_params=abstract_params,
-      param_shardings=param_shardings, value_model=value_model, lora=lora, needs_reference=needs_reference, shardings=shardings, tx=tx,
+      param_shardings=param_shardings, value_model=value_model, lora=lora, needs_reference=needs_reference,
+      shardings=shardings, tx=tx,
       train_step=make_train_step(step_graphdef, config, tx, optimizers.learning_rate_schedule(config), shardings,
                                  train_batch_sharding),
       eval_step=make_eval_step(step_graphdef, config, shardings, eval_batch_sharding),
@@ -272,6 +282,7 @@ def build(config: ml_collections.FrozenConfigDict) -> Setup:
 
 PREFERENCE_MODES = ("dpo", "orpo", "simpo", "rm")
 VALUE_MODEL_MODES = ("rm",)  # modes that train a value_head.ValueModel (the decoder + a scalar head), not the LM
+RL_MODES = config_lib.RL_MODES
 
 
 def starting_point(config) -> str:
@@ -286,6 +297,8 @@ def make_data(config, tokenizer) -> tuple[Any, list[dict]]:
   if config.mode in PREFERENCE_MODES:
     return preference.make_preference_iterator(config, tokenizer), preference.make_preference_eval_batches(
         config, tokenizer)
+  if config.mode in RL_MODES:  # prompts; evaluation is eval/accuracy on rl_data.eval_prompts, not a loss
+    return rl_data.make_prompt_iterator(config, tokenizer), []
   return pipeline.make_train_iterator(config, tokenizer), pipeline.make_eval_batches(config, tokenizer)
 
 
@@ -306,17 +319,24 @@ def train(config: ml_collections.FrozenConfigDict) -> dict[str, Any]:
         tables = reference.compute_tables(config, setup, start, tokenizer)
         eval_host_batches = [reference.attach(b, tables["eval"]) for b in eval_host_batches]
       state = setup.initial_state(config, checkpointer, train_iterator, start)
+      rl = None
+      if config.mode in RL_MODES:
+        rl = rl_trainer.RLTrainer(config, setup, tokenizer, MODES[config.mode], train_iterator,
+                                  rl_data.eval_prompts(config, tokenizer))
       return _loop(config, setup, state, train_iterator, eval_host_batches, tokenizer, checkpointer,
-                   tables["train"] if tables else None)
+                   tables["train"] if tables else None, rl)
     finally:
       if checkpointer:
         checkpointer.close()
 
 
 def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_batches, tokenizer,
-          checkpointer: checkpoint.Checkpointer | None, reference_table: np.ndarray | None) -> dict[str, Any]:
+          checkpointer: checkpoint.Checkpointer | None, reference_table: np.ndarray | None,
+          rl: rl_trainer.RLTrainer | None = None) -> dict[str, Any]:
   """Steps from the state's step to config.steps; see `train`. reference_table: precomputed reference log-probs of
-  the training pairs (precompute_reference=true), attached to each batch."""
+  the training pairs (precompute_reference=true), attached to each batch. rl: an RL mode's rollouts, which replace
+  the data iterator's batches (its iterator then yields prompts) and add eval/accuracy, also before the first step."""
+  mode = MODES[config.mode]
   is_primary = config.process_index == 0
   eval_batches = [to_device_batch(b, config, setup.eval_batch_sharding, accumulate=False)
                   for b in eval_host_batches]
@@ -336,17 +356,29 @@ def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_bat
   writer = metrics_lib.MetricsWriter(config.run_dir, enable_tensorboard=config.enable_tensorboard,
                                      total_steps=config.steps, is_primary=is_primary)
   with writer:
-    pending = None  # (step, device metrics) of the last step, fetched after the next one is dispatched
+    pending = None  # (step, device metrics, host metrics) of the last step, fetched after the next one is dispatched
     last_time, last_logged = time.perf_counter(), start_step
 
-    def flush(step: int, device_metrics) -> None:
+    def rl_evaluate(step: int) -> None:
+      summary.update(rl.evaluate(state))
+      if "eval/accuracy" in summary:
+        writer.write(step, {k: summary[k] for k in ("eval/accuracy", "eval/completion_length")})
+
+    if rl is not None and start_step == 0:
+      rl_evaluate(0)
+
+    def flush(step: int, device_metrics, host_metrics: dict) -> None:
       nonlocal last_time, last_logged
       host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+      if hasattr(mode, "host_metrics"):
+        host = mode.host_metrics(host)
+      host.update(host_metrics)
       now = time.perf_counter()
       step_time = (now - last_time) / max(step - last_logged, 1)
       last_time, last_logged = now, step
-      host.update(step_time=step_time, tokens_per_sec=tokens_per_step / step_time,
-                  **{f"data/{k}": v for k, v in pipeline.data_stats(train_iterator).items()})
+      host.update(step_time=step_time, tokens_per_sec=tokens_per_step / step_time)
+      if rl is None:  # RL iterators yield prompts: nothing is truncated or packed
+        host.update({f"data/{k}": v for k, v in pipeline.data_stats(train_iterator).items()})
       utilisation = metrics_lib.mfu(host["tokens_per_sec"] / config.num_devices, flops_per_token, peak)
       if utilisation is not None:
         host["mfu"] = utilisation
@@ -354,7 +386,10 @@ def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_bat
       summary["loss"] = host["loss"]
 
     for step in range(start_step + 1, config.steps + 1):
-      local = next(train_iterator)
+      if rl is not None:
+        local, rollout_metrics = rl.next_batch(state, step)
+      else:
+        local, rollout_metrics = next(train_iterator), {}
       if reference_table is not None:
         local = reference.attach(local, reference_table)
       batch = to_device_batch(local, config, setup.train_batch_sharding, accumulate=True)
@@ -362,16 +397,20 @@ def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_bat
       if pending is not None:
         flush(*pending)
         pending = None
-      if step % config.log_period == 0 or step in (start_step + 1, config.steps):
-        pending = (step, step_metrics)
+      if step % config.log_period == 0 or step in (start_step + 1, config.steps) or rollout_metrics:
+        pending = (step, step_metrics, rollout_metrics)
       writer.advance(step)
-      if eval_batches and ((config.eval_interval and step % config.eval_interval == 0) or step == config.steps):
+      eval_now = (config.eval_interval and step % config.eval_interval == 0) or step == config.steps
+      if eval_now and (eval_batches or rl is not None):
         if pending is not None:
           flush(*pending)
           pending = None
-        eval_metrics = evaluate(setup.eval_step, state, eval_batches)
-        summary["eval_loss"] = eval_metrics["eval/loss"]
-        writer.write(step, eval_metrics)
+        if rl is not None:
+          rl_evaluate(step)
+        else:
+          eval_metrics = evaluate(setup.eval_step, state, eval_batches)
+          summary["eval_loss"] = eval_metrics["eval/loss"]
+          writer.write(step, eval_metrics)
       if checkpointer and (step % config.checkpoint_period == 0 or step == config.steps):
         checkpointer.save(step, state, train_iterator, {"step": step, "run_name": config.run_name, "peft": config.peft,
                                                         "base": starting_point(config)})
@@ -390,7 +429,11 @@ def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_bat
 
 def _sample(config, graphdef, params, tokenizer) -> dict[str, str]:
   """Greedy completion of the first eval prompt (or a training prompt when there is no eval set)."""
-  prompt = (preference if config.mode in PREFERENCE_MODES else pipeline).sample_prompt(config)
+  if config.mode in RL_MODES:
+    prompts = rl_data.eval_prompts(config, tokenizer) or [next(rl_data.make_prompt_iterator(config, tokenizer))]
+    prompt = prompts[0].prompt
+  else:
+    prompt = (preference if config.mode in PREFERENCE_MODES else pipeline).sample_prompt(config)
   ids = pipeline.prompt_ids(config, tokenizer, prompt)
   greedy = SamplingParams(max_new_tokens=config.sample_max_new_tokens, eos_ids=sampler.eos_ids_of(tokenizer))
   completion = sampler.Sampler(graphdef, params, tokenizer, batch_size=1).generate([ids], greedy)[0][0]

@@ -11,6 +11,7 @@ Process p of P takes the examples at global positions j with (j // m) % P == p, 
 without packing the rows of all processes, in process order, are exactly a one-process run's global batch.
 """
 
+from collections.abc import Callable
 import math
 
 import grain
@@ -271,6 +272,12 @@ def make_eval_batches(config: ml_collections.FrozenConfigDict, tokenizer: Tokeni
       batch_rows.append(_padded_row(empty if example is None or example["drop"] else example, length))
     batches.append({key: np.stack([row[key] for row in batch_rows]) for key in FEATURES})
   return batches
+
+
+def prompt_encoder(config: ml_collections.FrozenConfigDict, tokenizer: Tokenizer
+                   ) -> Callable[[str | list[dict]], list[int]]:
+  """`prompt_ids` with the chat template compiled once, for many prompts (RL rollouts)."""
+  return _Encoder(config, tokenizer).prompt_ids
 
 
 def prompt_ids(config: ml_collections.FrozenConfigDict, tokenizer: Tokenizer, prompt: str | list[dict]) -> list[int]:

@@ -1,6 +1,10 @@
-"""Training algorithms. Each mode module provides `needs_reference(config) -> bool` and
-`loss(model, batch, config, reference) -> LossOutput` (reference: the frozen reference model, or None)."""
+"""Training algorithms. Each mode module provides `WEIGHT_NAME`, `needs_reference(config) -> bool` and
+`loss(model, batch, config, reference) -> LossOutput` (reference: the frozen reference model, or None).
 
-from tunix_core.modes import dpo, rm, sft
+RL modes also provide `prepare(context, state, step) -> (rows, metrics)` (prompts -> a rollout batch, see
+tunix_core/rl/trainer.py), `reward_functions(config)`, `batch_keys(config) -> (per-token keys, per-row keys)` that
+`prepare` adds to the token arrays, and `host_metrics(metrics) -> metrics` applied to each logged step's metrics."""
 
-MODES = {"sft": sft, "dpo": dpo, "orpo": dpo, "simpo": dpo, "rm": rm}
+from tunix_core.modes import dpo, grpo, rm, sft
+
+MODES = {"sft": sft, "dpo": dpo, "orpo": dpo, "simpo": dpo, "rm": rm, "grpo": grpo}

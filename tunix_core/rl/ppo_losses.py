@@ -115,16 +115,6 @@ def token_entropy(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array
   return losses.map_token_chunks(lambda h: _entropy(logits_fn(h).astype(jnp.float32)), chunk_size, hidden)
 
 
-def token_log_probs_and_entropy(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array,
-                                targets: jax.Array, chunk_size: int = 0) -> tuple[jax.Array, jax.Array]:
-  """(log p(targets), entropy) per token from one pass of the head over each chunk: what PPO's loss needs."""
-  def chunk(h: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-    log_probs = jax.nn.log_softmax(logits_fn(h).astype(jnp.float32), axis=-1)
-    return (jnp.take_along_axis(log_probs, t[:, None], axis=-1)[:, 0],
-            -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1))
-  return losses.map_token_chunks(chunk, chunk_size, hidden, targets)
-
-
 def kl_shaped_rewards(sequence_rewards: jax.Array, kl: jax.Array, mask: jax.Array, *, beta: float) -> jax.Array:
   """Per-token rewards -beta kl_t on the masked tokens, plus each row's sequence reward on its last masked token
   (Ziegler et al. 2019, arXiv 1909.08593; TRL's PPOTrainer). kl [B, T] is a per-token estimate of
