@@ -1,4 +1,5 @@
-"""Numerics shared by every mode: chunked token log-probs, cross-entropy and masked reductions.
+"""Numerics shared by every mode: chunked token log-probs (and entropy), cross-entropy, masked reductions, and
+RL's KL estimators and loss aggregations.
 
 The output head is applied in chunks of tokens under `jax.checkpoint`, so neither the forward nor the
 backward pass ever holds a [batch, length, vocab] float32 array: only [chunk, vocab] at a time.
@@ -74,3 +75,47 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   """Mean of values where mask is set (0 when the mask is empty)."""
   count = jnp.sum(mask.astype(jnp.float32))
   return masked_sum(values, mask) / jnp.maximum(count, 1.0)
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATIONS = ("token-mean", "sequence-mean-token-mean", "sequence-mean-token-sum", "sequence-mean-token-sum-norm")
+
+
+def kl_penalty(log_probs: jax.Array, reference_log_probs: jax.Array, estimator: str) -> jax.Array:
+  """Per-token estimate of KL(policy || reference) from tokens sampled by the policy (Schulman 2020,
+  "Approximating KL divergence"): with d = reference - policy log-prob, k1 = -d, k2 = d^2 / 2, k3 = e^d - d - 1.
+  k1 is unbiased, k3 unbiased and never negative, k2 biased with low variance."""
+  delta = reference_log_probs.astype(jnp.float32) - log_probs.astype(jnp.float32)
+  if estimator == "k1":
+    return -delta
+  if estimator == "k2":
+    return 0.5 * jnp.square(delta)
+  if estimator == "k3":
+    return jnp.exp(delta) - delta - 1.0
+  raise ValueError(f"kl estimator {estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}")
+
+
+def aggregate(token_losses: jax.Array, mask: jax.Array, how: str, horizon: int = 0) -> tuple[jax.Array, jax.Array]:
+  """(loss_sum, weight) of per-token losses [rows, length], so that a step's loss is sum(loss_sum) / sum(weight) over
+  its micro-batches, exactly as if the whole step were one batch:
+    token-mean                   every token of the step weighs the same (DAPO)
+    sequence-mean-token-mean     each row's token mean, averaged over rows (GRPO)
+    sequence-mean-token-sum      each row's token sum, averaged over rows
+    sequence-mean-token-sum-norm each row's token sum / horizon, averaged over rows (Dr. GRPO: horizon = the
+                                 longest completion allowed, a constant, so no length bias)
+  Rows without loss tokens count nowhere."""
+  mask = mask.astype(jnp.float32)
+  row_sums = jnp.sum(token_losses.astype(jnp.float32) * mask, axis=-1)
+  row_tokens = jnp.sum(mask, axis=-1)
+  rows = jnp.sum((row_tokens > 0).astype(jnp.float32))
+  if how == "token-mean":
+    return jnp.sum(row_sums), jnp.sum(row_tokens)
+  if how == "sequence-mean-token-mean":
+    return jnp.sum(row_sums / jnp.maximum(row_tokens, 1.0)), rows
+  if how == "sequence-mean-token-sum":
+    return jnp.sum(row_sums), rows
+  if how == "sequence-mean-token-sum-norm":
+    if horizon <= 0:
+      raise ValueError("sequence-mean-token-sum-norm needs a positive horizon (the longest completion allowed)")
+    return jnp.sum(row_sums) / horizon, rows
+  raise ValueError(f"aggregation {how!r}: expected one of {', '.join(AGGREGATIONS)}")
