@@ -8,6 +8,7 @@ checkpoints intact and the half-written one is ignored.
 import os
 from typing import Any
 
+from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -15,6 +16,9 @@ import orbax.checkpoint as ocp
 from tunix_core.errors import UserError
 
 ITEMS = ("params", "optimizer", "data", "meta")
+# Trainable entries a run may save next to the model's params that are not part of the model (mode=distill's
+# feature_projection maps): loading a model from such a checkpoint leaves them out.
+TRAINING_ONLY_KEYS = ("distill_projection",)
 
 
 class Checkpointer:
@@ -57,7 +61,7 @@ class Checkpointer:
     self._manager.close()
 
 
-def resolve_parameters_path(path: str) -> str:
+def resolve_parameters_path(path: str, key: str = "load_parameters_path") -> str:
   """A run directory (its latest step), its checkpoints/ directory, one step's directory or that step's
   params/ -> the params item."""
   path = os.path.abspath(path)
@@ -69,18 +73,25 @@ def resolve_parameters_path(path: str) -> str:
     return os.path.join(path, "params")
   steps = [int(name) for name in os.listdir(path) if name.isdigit()] if os.path.isdir(path) else []
   if not steps:
-    raise UserError(f"load_parameters_path={path}: no checkpoint found; expected a run directory, its "
+    raise UserError(f"{key}={path}: no checkpoint found; expected a run directory, its "
                     f"checkpoints/ directory or a step directory holding params/")
   return os.path.join(path, str(max(steps)), "params")
 
 
-def load_parameters(path: str, abstract_params: Any) -> Any:
-  """Reads only the params of another run's checkpoint into `abstract_params`' shapes and shardings."""
-  item = resolve_parameters_path(path)
+def load_parameters(path: str, abstract_params: Any, key: str = "load_parameters_path") -> Any:
+  """Reads only the params of another run's checkpoint into `abstract_params`' shapes and shardings (casting to
+  their dtypes). Training-only entries saved next to the model's (TRAINING_ONLY_KEYS) are skipped."""
+  item = resolve_parameters_path(path, key)
   try:
-    return ocp.StandardCheckpointer().restore(item, abstract_params)
+    saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item))
+    skipped = [k for k in TRAINING_ONLY_KEYS if k in saved and k not in abstract_params]
+    if not skipped:
+      return ocp.StandardCheckpointer().restore(item, abstract_params)
+    return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+        item=abstract_params, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params),
+        partial_restore=True))
   except (ValueError, KeyError) as e:
-    raise UserError(f"load_parameters_path={path}: its params do not match this model ({str(e).splitlines()[0]}); "
+    raise UserError(f"{key}={path}: its params do not match this model ({str(e).splitlines()[0]}); "
                     f"use the same model settings as the run that wrote it") from None
 
 
