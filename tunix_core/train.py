@@ -232,11 +232,10 @@ class Setup(NamedTuple):
       frozen = {"reference": jax.tree.map(jnp.copy, start)} if self.needs_reference else {}
     if self.teacher is not None:
       frozen["teacher"] = self.teacher.load(config)
-    extra_shardings = {k: v for k, v in self.shardings["params"].items() if k in checkpoint.TRAINING_ONLY_KEYS}
     if latest is None:
       if self.projection is not None:
         start = {**start, distill.PROJECTION_KEY: self.projection.init(
-            config.seed, extra_shardings[distill.PROJECTION_KEY])}
+            config.seed, self.shardings["params"][distill.PROJECTION_KEY])}
       return jax.jit(self.new_state, out_shardings=self.shardings, donate_argnums=(0,))(start, frozen)
     trainable = self.lora.abstract_trainable if self.lora is not None else self.abstract_params
     if self.projection is not None:
