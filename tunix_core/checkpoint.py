@@ -8,6 +8,7 @@ checkpoints intact and the half-written one is ignored.
 import os
 from typing import Any
 
+from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -15,6 +16,9 @@ import orbax.checkpoint as ocp
 from tunix_core.errors import UserError
 
 ITEMS = ("params", "optimizer", "data", "meta")
+# Trainable entries a run may save next to the model's params that are not part of the model (mode=distill's
+# feature_projection maps): loading a model from such a checkpoint leaves them out.
+TRAINING_ONLY_KEYS = ("distill_projection",)
 
 
 class Checkpointer:
@@ -75,11 +79,18 @@ def resolve_parameters_path(path: str, key: str = "load_parameters_path") -> str
 
 
 def load_parameters(path: str, abstract_params: Any, key: str = "load_parameters_path") -> Any:
-  """Reads only the params of another run's checkpoint into `abstract_params`' shapes and shardings; `key` is the
-  config key that named the path, for errors."""
+  """Reads only the params of another run's checkpoint into `abstract_params`' shapes and shardings (casting to
+  their dtypes); `key` is the config key that named the path, for errors. Training-only entries saved next to the
+  model's (TRAINING_ONLY_KEYS) are skipped."""
   item = resolve_parameters_path(path, key)
   try:
-    return ocp.StandardCheckpointer().restore(item, abstract_params)
+    saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item))
+    skipped = [k for k in TRAINING_ONLY_KEYS if k in saved and k not in abstract_params]
+    if not skipped:
+      return ocp.StandardCheckpointer().restore(item, abstract_params)
+    return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+        item=abstract_params, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_params),
+        partial_restore=True))
   except (ValueError, KeyError) as e:
     raise UserError(f"{key}={path}: its params do not match this model ({str(e).splitlines()[0]}); "
                     f"use the same model settings as the run that wrote it") from None

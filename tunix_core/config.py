@@ -22,10 +22,12 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yml"
 
 CHOICES = {
-    "mode": ("sft", "dpo", "orpo", "simpo", "rm", "grpo"),
+    "mode": ("sft", "dpo", "orpo", "simpo", "rm", "grpo", "distill"),
     "peft": ("none", "lora", "qlora"),
     "qlora_dtype": ("nf4", "int4", "int8"),
     "dpo_loss": ("sigmoid", "ipo", "hinge", "robust"),
+    "distill_divergence": ("forward", "reverse", "jsd"),
+    "teacher_dtype": ("float32", "bfloat16"),
     "decoder_block": ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"),
     "rope_type": ("default", "linear", "llama3"),
     "remat_policy": ("none", "full", "minimal", "save_qkv_proj", "save_out_proj", "save_dot_except_mlp"),
@@ -61,10 +63,19 @@ NON_NEGATIVE = ("eval_interval", "loss_chunk_size", "sample_max_new_tokens", "le
                 "local_rope_max_timescale", "sliding_window_size", "attn_logits_soft_cap", "final_logits_soft_cap",
                 "query_pre_attn_scalar", "lora_alpha", "orpo_lambda", "simpo_beta", "simpo_gamma",
                 "temperature", "top_k", "rm_margin", "rm_center_rewards_coefficient", "rollout_batch_size", "beta",
-                "epsilon", "epsilon_high", "dual_clip_c", "reward_timeout_s", "overlong_buffer_tokens")
+                "epsilon", "epsilon_high", "dual_clip_c", "reward_timeout_s", "overlong_buffer_tokens", "distill_top_k")
 LAYER_TYPES = ("sliding_attention", "full_attention")
-FRACTIONS = ("top_p", "min_p", "dpo_label_smoothing", "warmup_steps_fraction", "cosine_learning_rate_final_fraction", "adam_b1", "adam_b2")
+FRACTIONS = ("distill_alpha", "top_p", "min_p", "dpo_label_smoothing", "warmup_steps_fraction", "cosine_learning_rate_final_fraction", "adam_b1", "adam_b2")
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
+DISTILL_STRATEGIES = ("logit", "attention_transfer", "feature_pooling", "feature_projection")
+# Keys that fix a decoder's architecture and parameter layout: what a distillation teacher takes from its sources.
+ARCHITECTURE_KEYS = ("decoder_block", "vocab_size", "base_emb_dim", "base_num_query_heads", "base_num_kv_heads",
+                     "head_dim", "base_mlp_dim", "base_num_decoder_layers", "mlp_activations",
+                     "normalization_layer_epsilon", "rope_max_timescale", "rope_type", "rope_factor",
+                     "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_position",
+                     "local_rope_max_timescale", "sliding_window_size", "layer_types", "attn_logits_soft_cap",
+                     "final_logits_soft_cap", "query_pre_attn_scalar", "logits_via_embedding", "scan_layers")
+TEACHER_ARCHITECTURE = "teacher_architecture"  # derived: the teacher's ARCHITECTURE_KEYS (mode=distill)
 
 
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
@@ -163,6 +174,8 @@ def layer(argv: Sequence[str]) -> dict[str, Any]:
       if key not in base:
         raise _unknown_key(key, list(base), source)
       merged[key] = _coerce(key, value, base[key], source)
+  if merged["mode"] == "distill":
+    merged[TEACHER_ARCHITECTURE] = teacher_architecture(merged, base)
   if merged["hf_path"]:
     # The checkpoint's own config.json fixes the architecture; its tokenizer is the default one.
     merged["hf_path"] = hf_config.resolve(merged["hf_path"])
@@ -235,6 +248,8 @@ def validate(cfg: dict[str, Any]) -> None:
     raise UserError("dataset_type=tfds needs dataset_name=<tfds name>")
   _validate_generation(cfg)
   _validate_rl(cfg)
+  if cfg["mode"] == "distill":
+    _validate_distillation(cfg)
   sharding.logical_rules(ml_collections.ConfigDict({"logical_axis_rules": cfg["logical_axis_rules"]}))
 
 
@@ -245,6 +260,84 @@ def _validate_reward_model(cfg: dict[str, Any]) -> None:
   if cfg["critic_load_parameters_path"] and cfg["mode"] != "rm":
     raise UserError(f"critic_load_parameters_path starts a value model, which mode={cfg['mode']} has none of; "
                     "use load_parameters_path for the policy's weights, or mode=rm")
+
+
+def distill_strategies(entries: Sequence[Any]) -> dict[str, float]:
+  """distill_strategy entries (`name` or [name, weight]) -> {name: weight}; raises a UserError for a bad entry."""
+  strategies = {}
+  for entry in entries:
+    name, weight = None, None
+    if isinstance(entry, str):
+      name, weight = entry, 1.0
+    elif isinstance(entry, (list, tuple)) and len(entry) == 2:
+      name, weight = entry
+    if name not in DISTILL_STRATEGIES or isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+        or weight < 0 or name in strategies:
+      raise UserError(f"distill_strategy entry {entry!r}: expected a name or [name, weight >= 0], each name once, "
+                      f"names among {', '.join(DISTILL_STRATEGIES)}")
+    strategies[name] = float(weight)
+  if not strategies:
+    raise UserError(f"distill_strategy is empty; expected some of {', '.join(DISTILL_STRATEGIES)}")
+  return strategies
+
+
+def teacher_architecture(cfg: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+  """The teacher's architecture keys: the embedded defaults <- teacher_model_name's preset <- the config.yml of
+  teacher_load_parameters_path's run <- teacher_hf_path's config.json."""
+  arch = {key: base[key] for key in ARCHITECTURE_KEYS}
+  layers = []
+  if cfg["teacher_model_name"]:
+    model_file = CONFIG_DIR / "models" / f"{cfg['teacher_model_name']}.yml"
+    if not model_file.is_file():
+      available = sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yml"))
+      raise UserError(f"teacher_model_name={cfg['teacher_model_name']!r}: no {model_file}; available: "
+                      f"{', '.join(available)}")
+    layers.append((str(model_file), _read_yaml(model_file, "model config")))
+  if cfg["teacher_load_parameters_path"]:
+    run_config = _run_config_of(cfg["teacher_load_parameters_path"])
+    if run_config is not None:
+      layers.append((str(run_config), _read_yaml(run_config, "teacher run config")))
+  if cfg["teacher_hf_path"]:
+    cfg["teacher_hf_path"] = hf_config.resolve(cfg["teacher_hf_path"])
+    layers.append((os.path.join(cfg["teacher_hf_path"], "config.json"), hf_config.config_keys(cfg["teacher_hf_path"])))
+  for source, values in layers:
+    for key in ARCHITECTURE_KEYS:
+      if key in values:
+        arch[key] = _coerce(key, values[key], base[key], source)
+  return arch
+
+
+def _run_config_of(path: str) -> Path | None:
+  """The config.yml of the run a run directory, checkpoints/ directory or checkpoint step belongs to."""
+  path = Path(path).resolve()
+  for candidate in (path, path.parent, path.parent.parent, path.parent.parent.parent):
+    if (candidate / "config.yml").is_file():
+      return candidate / "config.yml"
+  return None
+
+
+def _validate_distillation(cfg: dict[str, Any]) -> None:
+  if not cfg["teacher_load_parameters_path"] and not cfg["teacher_hf_path"]:
+    raise UserError("mode=distill needs the teacher's weights: set teacher_load_parameters_path=<run or checkpoint> "
+                    "or teacher_hf_path=<Hugging Face directory>")
+  strategies = distill_strategies(cfg["distill_strategy"])
+  if not 0.0 < cfg["distill_jsd_beta"] < 1.0:
+    raise UserError(f"distill_jsd_beta={cfg['distill_jsd_beta']}: must be strictly between 0 and 1")
+  if cfg["distill_temperature"] <= 0:
+    raise UserError(f"distill_temperature={cfg['distill_temperature']}: must be positive")
+  teacher = cfg[TEACHER_ARCHITECTURE]
+  depths = (cfg["base_num_decoder_layers"], teacher["base_num_decoder_layers"])
+  for pair in cfg["distill_layer_map"]:
+    if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+        or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < d for i, d in zip(pair, depths))):
+      raise UserError(f"distill_layer_map entry {pair!r}: expected [student_layer, teacher_layer] with the student's "
+                      f"layer in 0..{depths[0] - 1} and the teacher's in 0..{depths[1] - 1}")
+  if "feature_projection" in strategies and cfg["peft"] != "none":
+    raise UserError("distill_strategy feature_projection trains a projection next to all the student's weights; "
+                    "it does not combine with peft=lora/qlora")
+  if cfg["distill_on_policy"] and (cfg["packing"] or not cfg["completion_only_loss"]):
+    raise UserError("distill_on_policy=true replaces each row's completion with a sampled one: it needs packing=false "
+                    "and completion_only_loss=true (the prompt is what precedes the loss tokens)")
 
 
 def _validate_generation(cfg: dict[str, Any]) -> None:
@@ -388,6 +481,8 @@ def load_saved(saved: dict[str, Any]) -> ml_collections.FrozenConfigDict:
   for key, value in saved.items():
     if key in base and key not in _MACHINE_KEYS:
       cfg[key] = _coerce(key, value, base[key], "saved config.yml")
+  if cfg["mode"] == "distill":  # the teacher's sources may be gone; its resolved architecture was saved
+    cfg[TEACHER_ARCHITECTURE] = saved.get(TEACHER_ARCHITECTURE) or teacher_architecture(cfg, base)
   validate(cfg)
   import jax  # pylint: disable=import-outside-toplevel
   devices = jax.devices()
@@ -398,5 +493,7 @@ def load_saved(saved: dict[str, Any]) -> ml_collections.FrozenConfigDict:
 def to_yaml(config: ml_collections.FrozenConfigDict) -> str:
   """The config as YAML (lists as lists), for the copy kept in the run directory."""
   def plain(value):
-    return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+    if isinstance(value, (list, tuple)):
+      return [plain(v) for v in value]
+    return {k: plain(v) for k, v in value.items()} if hasattr(value, "items") else value
   return yaml.safe_dump({k: plain(v) for k, v in config.items()}, sort_keys=False, width=120)

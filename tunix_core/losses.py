@@ -12,25 +12,21 @@ import jax
 import jax.numpy as jnp
 
 
-def map_token_chunks(fn: Callable[..., Any], chunk_size: int, hidden: jax.Array, *per_token: jax.Array) -> Any:
-  """fn over the tokens of hidden [..., E] (and of arrays per_token [...]) in chunks of chunk_size tokens.
+def map_token_chunks(fn: Callable[..., Any], chunk_size: int, *arrays: jax.Array) -> Any:
+  """fn over chunks of `chunk_size` tokens of arrays [N, ...] (0 = all at once) -> its outputs, each [N, ...].
 
-  fn(hidden [n, E], *per_token [n]) returns a pytree of [n] arrays; the result holds them shaped [...].
-  Each chunk runs under jax.checkpoint, so the backward pass recomputes a chunk's logits instead of keeping
-  them all. chunk_size 0 = all tokens at once.
+  Each chunk runs under jax.checkpoint, so the backward pass recomputes a chunk's [chunk, vocab] temporaries
+  instead of keeping every chunk's. The last chunk is padded with zeros; its padding rows are cut off.
   """
-  lead_shape = hidden.shape[:-1]
-  flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-  flat = [x.reshape(-1) for x in per_token]
-  total = flat_hidden.shape[0]
+  total = arrays[0].shape[0]
   if chunk_size <= 0 or chunk_size >= total:
-    return jax.tree.map(lambda out: out.reshape(lead_shape), fn(flat_hidden, *flat))
+    return fn(*arrays)
   num_chunks = -(-total // chunk_size)
   pad = num_chunks * chunk_size - total
-  chunks = (jnp.pad(flat_hidden, ((0, pad), (0, 0))).reshape(num_chunks, chunk_size, -1),
-            *(jnp.pad(x, (0, pad)).reshape(num_chunks, chunk_size) for x in flat))
-  outputs = jax.lax.map(jax.checkpoint(lambda chunk: fn(*chunk)), chunks)
-  return jax.tree.map(lambda out: out.reshape(-1)[:total].reshape(lead_shape), outputs)
+  chunks = tuple(jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape(num_chunks, chunk_size, *a.shape[1:])
+                 for a in arrays)
+  out = jax.lax.map(jax.checkpoint(lambda c: fn(*c)), chunks)
+  return jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:])[:total], out)
 
 
 def token_log_probs(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array,
@@ -44,7 +40,8 @@ def token_log_probs(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Arr
     target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
     return target_logit - jax.nn.logsumexp(logits, axis=-1)
 
-  return map_token_chunks(chunk_log_probs, chunk_size, hidden, targets)
+  flat = map_token_chunks(chunk_log_probs, chunk_size, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1))
+  return flat.reshape(targets.shape)
 
 
 
@@ -56,7 +53,8 @@ def token_log_probs_and_entropy(logits_fn: Callable[[jax.Array], jax.Array], hid
     log_probs = jax.nn.log_softmax(logits_fn(h).astype(jnp.float32), axis=-1)
     return (jnp.take_along_axis(log_probs, t[:, None], axis=-1)[:, 0],
             -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1))
-  return map_token_chunks(chunk, chunk_size, hidden, targets)
+  out = map_token_chunks(chunk, chunk_size, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1))
+  return jax.tree.map(lambda x: x.reshape(targets.shape), out)
 
 def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
   """Sum of values where mask is set, in float32."""

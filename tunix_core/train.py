@@ -6,6 +6,7 @@ jitted train_step shared by every mode -> metrics (fetched one step late), eval,
 
 from collections.abc import Callable, Iterator
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -24,18 +25,19 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tunix_core import checkpoint, config as config_lib, distributed, export, metrics as metrics_lib, models
-from tunix_core import optimizers, peft, reference
+from tunix_core import on_policy, optimizers, peft, reference, teacher as teacher_lib
 from tunix_core import sharding
 from tunix_core.data import pipeline, preference, tokenizer as tokenizer_lib
 from tunix_core.errors import UserError
 from tunix_core.generate import sampler
 from tunix_core.generate.sampling import SamplingParams
-from tunix_core.models import hf_weights, value_head
-from tunix_core.modes import MODES
+from tunix_core.models import attention as attention_lib, hf_weights, value_head
+from tunix_core.modes import MODES, distill
 from tunix_core.rl import data as rl_data, trainer as rl_trainer
 
 # {"params": trainable pure dict, "opt_state": optax state, "step": int32 scalar,
-#  "frozen": weights the step reads but never updates, e.g. {"reference": ...} for DPO}
+#  "frozen": weights the step reads but never updates, e.g. {"reference": ...} for DPO, {"teacher": ...} for distill}
+# With distill's feature_projection, params also hold {distill.PROJECTION_KEY: ...} next to the model's own.
 TrainState = dict[str, Any]
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 REFERENCE_KEY = "reference_logps"  # [rows] per-row reference log-probs, with precompute_reference=true
@@ -53,15 +55,16 @@ def state_shardings(abstract_params, param_shardings, frozen_shardings: dict, tx
 
 def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigDict,
                     tx: optax.GradientTransformation, schedule: optax.Schedule, shardings: TrainState,
-                    batch_sharding: NamedSharding) -> Callable:
+                    batch_sharding: NamedSharding, teacher_graphdef: nnx.GraphDef | None = None) -> Callable:
   """The one jitted step: micro-batches by lax.scan, loss normalised over the whole step, clip, update.
 
-  batch arrays are [gradient_accumulation_steps, micro_batch, length]. The state is donated.
+  batch arrays are [gradient_accumulation_steps, micro_batch, length]. The state is donated. teacher_graphdef:
+  mode=distill's teacher graph, for the weights in state["frozen"]["teacher"].
   """
   mode = MODES[config.mode]
 
   def micro_loss(params, frozen, micro_batch):
-    out = mode_loss(mode, graphdef, config, params, frozen, micro_batch)
+    out = mode_loss(mode, graphdef, config, params, frozen, micro_batch, teacher_graphdef)
     return out.loss_sum, out
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -112,29 +115,39 @@ def batch_shardings(config, batch_sharding: NamedSharding) -> dict[str, NamedSha
   return shardings
 
 
-def mode_loss(mode, graphdef: nnx.GraphDef, config, params, frozen: dict, batch: dict[str, jax.Array]):
-  """The mode's loss for the policy `params`, with the reference model when the mode needs one.
+def mode_loss(mode, graphdef: nnx.GraphDef, config, params, frozen: dict, batch: dict[str, jax.Array],
+              teacher_graphdef: nnx.GraphDef | None = None, evaluation: bool = False):
+  """The mode's loss (its eval_loss, where it has one, when `evaluation`) for the policy `params`, with its second
+  model: the reference model when the mode needs one, distill's teacher.
 
   With LoRA/QLoRA `params` are the adapters and frozen["base"] the (quantized) base weights; the reference
-  is the same base with the adapters switched off, so no second copy of the weights exists.
+  is the same base with the adapters switched off, so no second copy of the weights exists. Trainable entries
+  that are not the model's (distill's projection) go to the mode by name.
   """
+  extra = {key: params[key] for key in checkpoint.TRAINING_ONLY_KEYS if key in params}
+  params = {key: value for key, value in params.items() if key not in extra}
   if "base" in frozen:
     policy = nnx.merge(graphdef, frozen["base"], params)
     reference = nnx.merge(graphdef, frozen["base"], peft.adapters_off(params))
   else:
     policy = nnx.merge(graphdef, params)
     reference = nnx.merge(graphdef, frozen["reference"]) if mode.needs_reference(config) else None
-  return mode.loss(policy, batch, config, reference if mode.needs_reference(config) else None)
+  if teacher_graphdef is not None:
+    reference = nnx.merge(teacher_graphdef, frozen["teacher"])
+  elif not mode.needs_reference(config):
+    reference = None
+  loss_fn = mode.eval_loss if evaluation and hasattr(mode, "eval_loss") else mode.loss
+  return loss_fn(policy, batch, config, reference, **extra)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigDict, shardings: TrainState,
-                   batch_sharding: NamedSharding) -> Callable:
-  """Jitted (loss_sum, weight, metric sums) of the mode's loss on one [micro_batch, length] batch, for (params,
-  frozen)."""
+                   batch_sharding: NamedSharding, teacher_graphdef: nnx.GraphDef | None = None) -> Callable:
+  """Jitted (loss_sum, weight, metric sums) of the mode's eval loss (its `eval_loss` where it has one, else its
+  loss) on one [micro_batch, length] batch, for (params, frozen)."""
   mode = MODES[config.mode]
 
   def eval_step(params, frozen, batch):
-    out = mode_loss(mode, graphdef, config, params, frozen, batch)
+    out = mode_loss(mode, graphdef, config, params, frozen, batch, teacher_graphdef, evaluation=True)
     return out.loss_sum, out.weight, out.metrics
 
   return jax.jit(eval_step, in_shardings=(shardings["params"], shardings["frozen"],
@@ -178,6 +191,8 @@ class Setup(NamedTuple):
   param_shardings: Any
   value_model: bool                      # the model is value_head.ValueModel (mode=rm): the decoder + a scalar head
   lora: peft.LoraModel | None            # LoRA/QLoRA: the adapted graph, adapters (trained) and base (frozen)
+  teacher: teacher_lib.Teacher | None    # mode=distill: the frozen teacher
+  projection: teacher_lib.Projection | None  # mode=distill with feature_projection: its trainable maps
   needs_reference: bool
   shardings: TrainState
   tx: optax.GradientTransformation
@@ -215,9 +230,9 @@ class Setup(NamedTuple):
     return models.init_params(self.model_config, config.seed, shardings)
 
   def plain_params(self, state: TrainState) -> dict:
-    """The plain model's parameters of a state (LoRA adapters folded into the base)."""
+    """The plain model's parameters of a state (LoRA adapters folded into the base; no training-only entries)."""
     if self.lora is None:
-      return state["params"]
+      return {k: v for k, v in state["params"].items() if k not in checkpoint.TRAINING_ONLY_KEYS}
     return peft.merge(self.lora, state["frozen"]["base"], state["params"])
 
   def initial_state(self, config, checkpointer: checkpoint.Checkpointer | None, train_iterator,
@@ -225,8 +240,8 @@ class Setup(NamedTuple):
     """Resumes the run's latest checkpoint (moving the iterator too), else starts from `start` (default
     `starting_params`, loaded here), which it donates.
 
-    The frozen weights (DPO's reference: the starting weights) are rebuilt from their source on resume;
-    checkpoints hold only what training changes.
+    The frozen weights (DPO's reference: the starting weights; distill's teacher) are rebuilt from their source on
+    resume; checkpoints hold only what training changes.
     """
     latest = checkpointer.latest_step() if checkpointer else None
     if start is None and (latest is None or self.needs_reference or self.lora):
@@ -236,9 +251,16 @@ class Setup(NamedTuple):
       start = peft.init_adapters(self.lora, config.seed)
     else:
       frozen = {"reference": jax.tree.map(jnp.copy, start)} if self.needs_reference else {}
+    if self.teacher is not None:
+      frozen["teacher"] = self.teacher.load(config)
     if latest is None:
+      if self.projection is not None:
+        start = {**start, distill.PROJECTION_KEY: self.projection.init(
+            config.seed, self.shardings["params"][distill.PROJECTION_KEY])}
       return jax.jit(self.new_state, out_shardings=self.shardings, donate_argnums=(0,))(start, frozen)
     trainable = self.lora.abstract_trainable if self.lora is not None else self.abstract_params
+    if self.projection is not None:
+      trainable = {**trainable, distill.PROJECTION_KEY: self.projection.abstract_and_shardings(self.mesh)[0]}
     abstract = checkpoint.abstract_with_shardings(
         jax.eval_shape(self.new_state, trainable, {}), {**self.shardings, "frozen": {}})
     if config.process_index == 0:
@@ -254,30 +276,59 @@ def build(config: ml_collections.FrozenConfigDict) -> Setup:
   value_model = config.mode in VALUE_MODEL_MODES
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     model_config = models.ModelConfig.from_config(config)
+    if config.mode == "distill":
+      model_config = dataclasses.replace(model_config, attention=_distill_attention(config, model_config))
     graphdef, abstract_state = models.abstract_model(
         model_config, value_head.ValueModel if value_model else models.Transformer)
     abstract_params = nnx.to_pure_dict(abstract_state)
     param_shardings = models.param_shardings(abstract_state, mesh)
     lora = peft.lora_model(model_config, peft_config, mesh) if peft_config else None
+    teacher, projection, step_graphdef = None, None, graphdef
+    if config.mode == "distill":
+      teacher = teacher_lib.build(config, mesh, model_config.attention)
+      if "feature_projection" in distill.strategies(config):
+        projection = teacher_lib.projection(config, model_config, teacher, len(distill.layer_map(config)))
+        projection_abstract, projection_shardings = projection.abstract_and_shardings(mesh)
   tx = optimizers.build_optimizer(config)
   needs_reference = MODES[config.mode].needs_reference(config)
   if lora is not None:
     step_graphdef, trainable, trainable_shardings = lora.graphdef, lora.abstract_trainable, lora.trainable_shardings
     frozen_shardings = {"base": lora.frozen_shardings}
   else:
-    step_graphdef, trainable, trainable_shardings = graphdef, abstract_params, param_shardings
+    trainable, trainable_shardings = abstract_params, param_shardings
     frozen_shardings = {"reference": param_shardings} if needs_reference else {}
+  if teacher is not None:
+    frozen_shardings["teacher"] = teacher.param_shardings
+  if projection is not None:
+    trainable = {**trainable, distill.PROJECTION_KEY: projection_abstract}
+    trainable_shardings = {**trainable_shardings, distill.PROJECTION_KEY: projection_shardings}
   shardings = state_shardings(trainable, trainable_shardings, frozen_shardings, tx, mesh)
+  teacher_graphdef = teacher.graphdef if teacher is not None else None
   train_batch_sharding = sharding.batch_sharding(mesh, rules, leading_axes=1)
   eval_batch_sharding = sharding.batch_sharding(mesh, rules)
   return Setup(
       mesh=mesh, rules=rules, model_config=model_config, graphdef=graphdef, abstract_params=abstract_params,
-      param_shardings=param_shardings, value_model=value_model, lora=lora, needs_reference=needs_reference,
-      shardings=shardings, tx=tx,
+      param_shardings=param_shardings, value_model=value_model, lora=lora, teacher=teacher, projection=projection,
+      needs_reference=needs_reference, shardings=shardings, tx=tx,
       train_step=make_train_step(step_graphdef, config, tx, optimizers.learning_rate_schedule(config), shardings,
-                                 train_batch_sharding),
-      eval_step=make_eval_step(step_graphdef, config, shardings, eval_batch_sharding),
+                                 train_batch_sharding, teacher_graphdef),
+      eval_step=make_eval_step(step_graphdef, config, shardings, eval_batch_sharding, teacher_graphdef),
       train_batch_sharding=train_batch_sharding, eval_batch_sharding=eval_batch_sharding)
+
+
+def _distill_attention(config, model_config: models.ModelConfig) -> str:
+  """The attention implementation of the student and the teacher: attention_transfer reads attention
+  probabilities, which only the xla path materialises, so it replaces whatever `attention` would run (said once;
+  with scanned layers every layer runs the same implementation)."""
+  if not distill.needs_attention_probs(config):
+    return model_config.attention
+  resolved = attention_lib.resolve(model_config.attention, dtype=model_config.dtype,
+                                   logit_softcap=model_config.attn_logit_softcap)
+  if config.process_index == 0:
+    print(f"distill: attention_transfer needs attention probabilities, which only attention=xla materialises: the "
+          f"student's and the teacher's layers run xla in training (attention={config.attention} would run "
+          f"{resolved})", flush=True)
+  return "xla"
 
 
 PREFERENCE_MODES = ("dpo", "orpo", "simpo", "rm")
@@ -390,6 +441,8 @@ def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_bat
         local, rollout_metrics = rl.next_batch(state, step)
       else:
         local, rollout_metrics = next(train_iterator), {}
+      if config.distill_on_policy:
+        local = on_policy.resample(config, setup.graphdef, setup.plain_params(state), tokenizer, local, step)
       if reference_table is not None:
         local = reference.attach(local, reference_table)
       batch = to_device_batch(local, config, setup.train_batch_sharding, accumulate=True)

@@ -52,8 +52,9 @@ def attention_mask(segment_ids: jax.Array, window: jax.Array | int = 0) -> jax.A
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float,
-                          window: jax.Array | int = 0, logit_softcap: float = 0.0) -> jax.Array:
-  """Plain XLA attention. q [B, S, H, D], k/v [B, S, K, D] with K dividing H -> [B, S, H, D].
+                          window: jax.Array | int = 0, logit_softcap: float = 0.0, return_probs: bool = False):
+  """Plain XLA attention. q [B, S, H, D], k/v [B, S, K, D] with K dividing H -> [B, S, H, D]; with return_probs
+  also the float32 attention probabilities [B, H, S, S] (query head h uses key/value head h // (H / K)).
 
   Softmax runs in float32. Soft-capping (Gemma 2) maps scores s to c * tanh(s / c) before masking.
   Masked scores use the lowest finite float32 rather than -inf so a padding row never produces NaN.
@@ -66,8 +67,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids:
     scores = logit_softcap * jnp.tanh(scores / logit_softcap)
   mask = attention_mask(segment_ids, window)[:, None, None]
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(batch, length, heads, dim)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v).reshape(batch, length, heads, dim)
+  return (out, probs.reshape(batch, heads, length, length)) if return_probs else out
 
 
 def _with_window(attention_fn, window: jax.Array | int, static_window: int):
@@ -113,12 +115,19 @@ def cudnn_attention(q, k, v, segment_ids, scale, window, static_window) -> jax.A
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, scale: float,
            window: jax.Array | int = 0, static_window: int = 0, logit_softcap: float = 0.0,
-           implementation: str = "auto") -> jax.Array:
+           implementation: str = "auto", return_probs: bool = False):
   """Causal self-attention within segments: q [B, S, H, D], k/v [B, S, K, D] -> [B, S, H, D].
 
   window is this layer's sliding window (0 = none; may be traced); static_window the model's window size.
+  return_probs also returns the attention probabilities [B, H, S, S] (distillation's attention transfer): only
+  the xla implementation materialises them, so it must be the one chosen.
   """
   implementation = resolve(implementation, dtype=q.dtype, logit_softcap=logit_softcap)
+  if return_probs:
+    if implementation != "xla":
+      raise ValueError(f"attention probabilities need the xla implementation, not {implementation!r}")
+    out, probs = dot_product_attention(q, k, v, segment_ids, scale, window, logit_softcap, return_probs=True)
+    return shard_activation(out, ("activation_batch", "activation_length", "activation_heads", None)), probs
   if implementation == "xla":
     out = dot_product_attention(q, k, v, segment_ids, scale, window, logit_softcap)
   elif implementation == "flash":

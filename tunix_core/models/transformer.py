@@ -23,6 +23,7 @@ REMAT_POLICIES = ("none", "full", "minimal", "save_qkv_proj", "save_out_proj", "
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
                "relu": jax.nn.relu, "linear": lambda x: x}
 ROPE_TYPES = ("default", "linear", "llama3")
+INTERMEDIATES = ("layer_outputs", "attention_probs")  # what Transformer.hidden_states can also return per layer
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
@@ -212,8 +213,9 @@ class Attention(nnx.Module):
       self.key_norm = RMSNorm(d, cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, inv_freq: jax.Array,
-               window: jax.Array, cache: LayerCache | None = None):
-    """Attention output [B, S, E]; with a cache also the updated LayerCache (see Transformer.hidden_states)."""
+               window: jax.Array, cache: LayerCache | None = None, with_probs: bool = False):
+    """Attention output [B, S, E]; with a cache also the updated LayerCache (see Transformer.hidden_states); with
+    with_probs (no cache) also the attention probabilities [B, H, S, S]."""
     cfg = self.cfg
     dt = cfg.dtype
     q = jnp.einsum("bse,ehd->bshd", x, self.query[...].astype(dt))
@@ -237,11 +239,15 @@ class Attention(nnx.Module):
     else:
       attended = attention_lib.attend(q, k, v, segment_ids, scale=scale, window=window,
                                       static_window=cfg.sliding_window, logit_softcap=cfg.attn_logit_softcap,
-                                      implementation=cfg.attention)
+                                      implementation=cfg.attention, return_probs=with_probs)
+      if with_probs:
+        attended, probs = attended
       if cache is not None:
         cache = self._store_prefill(k, v, cache)
     out = jnp.einsum("bshd,hde->bse", attended, self.out[...].astype(dt))
     out = checkpoint_name(out, "out_proj")
+    if with_probs:
+      return out, probs
     return out if cache is None else (out, cache)
 
   @staticmethod
@@ -302,16 +308,16 @@ class DecoderLayer(nnx.Module):
       self.post_mlp_norm = RMSNorm(cfg.emb_dim, cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, inv_freq: jax.Array,
-               window: jax.Array, cache: LayerCache | None = None):
-    """The block's output; with a cache also the attention's updated LayerCache."""
-    attended = self.attention(self.attention_norm(x), positions, segment_ids, inv_freq, window, cache)
-    if cache is not None:
-      attended, cache = attended
+               window: jax.Array, cache: LayerCache | None = None, with_probs: bool = False):
+    """The block's output; with a cache also the attention's updated LayerCache; with with_probs also the
+    attention probabilities [B, H, S, S]."""
+    out = self.attention(self.attention_norm(x), positions, segment_ids, inv_freq, window, cache, with_probs)
+    attended, extra = out if cache is not None or with_probs else (out, None)  # extra: the cache or the probs
     x = x + (self.post_attention_norm(attended) if self.sandwich else attended)
     transformed = self.mlp(self.mlp_norm(x))
     x = x + (self.post_mlp_norm(transformed) if self.sandwich else transformed)
     x = shard_activation(x, ("activation_batch", "activation_length", "activation_embed"))
-    return x if cache is None else (x, cache)
+    return x if extra is None else (x, extra)
 
 
 def remat_policy(name: str):
@@ -345,11 +351,12 @@ class Transformer(nnx.Module):
     if not cfg.tied_embeddings:
       self.head = _param(rngs, (cfg.emb_dim, cfg.vocab_size), ("embed", "vocab"), cfg)
 
-  def _run_layer(self, layer: DecoderLayer, x, *args):
+  def _run_layer(self, layer: DecoderLayer, x, *args, with_probs: bool = False):
     if self.cfg.remat_policy == "none":
-      return layer(x, *args)
+      return layer(x, *args, with_probs=with_probs)
     graphdef, state = nnx.split(layer)
-    run = jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a), policy=remat_policy(self.cfg.remat_policy))
+    run = jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a, with_probs=with_probs),
+                         policy=remat_policy(self.cfg.remat_policy))
     return run(state, x, *args)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
@@ -374,31 +381,51 @@ class Transformer(nnx.Module):
     return KVCache(zeros(), zeros())
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                    cache: KVCache | None = None, cache_lengths: jax.Array | None = None):
+                    cache: KVCache | None = None, cache_lengths: jax.Array | None = None,
+                    intermediates: tuple[str, ...] = ()):
     """Final-norm hidden states [B, S, E] in the compute dtype (the head is applied separately, in chunks).
 
     With a cache (generation) it returns (hidden states, updated cache), in one of two ways chosen by S:
     S > 1 is a prefill from position 0 into an empty cache (attention within the chunk, exactly as training;
     padding gets its own segment id), S == 1 decodes one token per row at entry `cache_lengths` [B].
+
+    intermediates (no cache; distillation) names per-layer values to return too, as (hidden states, dict):
+    "layer_outputs" each layer's output [L, B, S, E] (the residual stream before the final norm) and
+    "attention_probs" each layer's attention probabilities [L, B, H, S, S] in float32 (needs attention=xla).
+    They are scan outputs, so () leaves the computation exactly as it was.
     """
     cfg = self.cfg
     x = shard_activation(self.embed(tokens), ("activation_batch", "activation_length", "activation_embed"))
     inv_freq, windows = jnp.asarray(cfg.inv_frequencies()), jnp.asarray(cfg.windows())
     if cache is not None:
       return self._cached_layers(x, positions, segment_ids, inv_freq, windows, cache, cache_lengths)
+    unknown = set(intermediates) - set(INTERMEDIATES)
+    if unknown:
+      raise ValueError(f"unknown intermediates {sorted(unknown)}; expected some of {INTERMEDIATES}")
+    with_probs = "attention_probs" in intermediates
+
+    def run(layer, x, layer_inv_freq, window):
+      out = self._run_layer(layer, x, positions, segment_ids, layer_inv_freq, window, with_probs=with_probs)
+      x, probs = out if with_probs else (out, None)
+      collected = {"layer_outputs": x, "attention_probs": probs}
+      return x, {name: collected[name] for name in intermediates}
+
     if cfg.scan_layers:
       graphdef, stacked_state = nnx.split(self.layers)
 
       def body(carry, per_layer):
         layer_state, layer_inv_freq, window = per_layer
-        layer = nnx.merge(graphdef, layer_state)
-        return self._run_layer(layer, carry, positions, segment_ids, layer_inv_freq, window), None
+        return run(nnx.merge(graphdef, layer_state), carry, layer_inv_freq, window)
 
-      x, _ = jax.lax.scan(body, x, (stacked_state, inv_freq, windows))
+      x, collected = jax.lax.scan(body, x, (stacked_state, inv_freq, windows))
     else:
+      per_layer = []
       for i, layer in enumerate(self.layers):
-        x = self._run_layer(layer, x, positions, segment_ids, inv_freq[i], windows[i])
-    return self.final_norm(x)
+        x, values = run(layer, x, inv_freq[i], windows[i])
+        per_layer.append(values)
+      collected = {name: jnp.stack([values[name] for values in per_layer]) for name in intermediates}
+    hidden = self.final_norm(x)
+    return (hidden, collected) if intermediates else hidden
 
   def _cached_layers(self, x, positions, segment_ids, inv_freq, windows, cache: KVCache, lengths: jax.Array
                      ) -> tuple[jax.Array, KVCache]:

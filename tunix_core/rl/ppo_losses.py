@@ -112,7 +112,9 @@ def token_entropy(logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array
   """Entropy of the next-token distribution logits_fn(hidden) per token: hidden [..., E] -> float32 [...], the
   head applied in chunks of chunk_size tokens (losses.map_token_chunks), never to all tokens at once. Scale
   logits_fn by 1 / temperature to match a sampling temperature."""
-  return losses.map_token_chunks(lambda h: _entropy(logits_fn(h).astype(jnp.float32)), chunk_size, hidden)
+  flat = losses.map_token_chunks(lambda h: _entropy(logits_fn(h).astype(jnp.float32)), chunk_size,
+                                 hidden.reshape(-1, hidden.shape[-1]))
+  return flat.reshape(hidden.shape[:-1])
 
 
 def kl_shaped_rewards(sequence_rewards: jax.Array, kl: jax.Array, mask: jax.Array, *, beta: float) -> jax.Array:
