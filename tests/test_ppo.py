@@ -12,7 +12,7 @@ from tunix_core.errors import UserError
 
 QUICK = ["mode=ppo", "per_device_batch_size=1", "num_generations=1", "max_new_tokens=8", "max_target_length=64",
          "log_period=1", "enable_tensorboard=false", "sample_max_new_tokens=0", "eval_num_prompts=8",
-         "generate_batch_size=16", "base_num_decoder_layers=2"]
+         "generate_batch_size=16", "base_num_decoder_layers=2", "eval_verifier="]
 
 
 def _records(run_dir) -> list[dict]:
@@ -34,7 +34,7 @@ def test_short_ppo_run_end_to_end(tmp_path):
   zero head moves, a checkpoint is written."""
   train.run(["configs/base.yml", *QUICK, f"base_output_directory={tmp_path}", "run_name=ppo", "steps=4",
              "rollout_batch_size=8", "num_iterations=2", "beta=0.05", "kl_estimator=k1", "temperature=0.7",
-             "learning_rate=1e-2", "entropy_coef=0.01", "eval_interval=4", "checkpoint_period=4",
+             "learning_rate=1e-2", "entropy_coef=0.01", "checkpoint_period=4",
              "reward_functions=[math_answer, format]"])
   records = _records(tmp_path / "ppo")
   steps = {r["step"]: r for r in records if "loss" in r}
@@ -61,8 +61,7 @@ def test_ppo_with_a_reward_model(tmp_path):
              "eval_dataset_path=assets/arithmetic/preference_eval.jsonl", f"base_output_directory={tmp_path}",
              "run_name=rm"])
   train.run(["configs/base.yml", *QUICK, f"base_output_directory={tmp_path}", "run_name=ppo_rm", "steps=1",
-             "reward_functions=[]", f"reward_model_path={tmp_path / 'rm'}", "enable_checkpointing=false",
-             "eval_verifier="])
+             "reward_functions=[]", f"reward_model_path={tmp_path / 'rm'}", "enable_checkpointing=false"])
   first = next(r for r in _records(tmp_path / "ppo_rm") if "loss" in r)
   assert first["reward/mean"] == pytest.approx(first["reward/reward_model/mean"])
   assert first["reward/std"] > 0 and np.isfinite(first["loss"])
