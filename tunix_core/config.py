@@ -22,7 +22,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yml"
 
 CHOICES = {
-    "mode": ("sft", "dpo", "orpo", "simpo", "rm", "grpo", "distill"),
+    "mode": ("sft", "dpo", "orpo", "simpo", "rm", "grpo", "ppo", "distill"),
     "peft": ("none", "lora", "qlora"),
     "qlora_dtype": ("nf4", "int4", "int8"),
     "dpo_loss": ("sigmoid", "ipo", "hinge", "robust"),
@@ -45,7 +45,7 @@ CHOICES = {
                          "sequence-mean-token-sum-norm"),
     "dynamic_sampling": ("auto", "on", "off"),
 }
-RL_MODES = ("grpo",)
+RL_MODES = ("grpo", "ppo")
 # What loss_algo sets when a key says "auto" (and epsilon_high 0): (scale_rewards, loss_aggregation, dynamic sampling).
 ALGO_DEFAULTS = {"grpo": ("group", "sequence-mean-token-mean", "off"),
                  "gspo_token": ("group", "sequence-mean-token-mean", "off"),
@@ -63,9 +63,11 @@ NON_NEGATIVE = ("eval_interval", "loss_chunk_size", "sample_max_new_tokens", "le
                 "local_rope_max_timescale", "sliding_window_size", "attn_logits_soft_cap", "final_logits_soft_cap",
                 "query_pre_attn_scalar", "lora_alpha", "orpo_lambda", "simpo_beta", "simpo_gamma",
                 "temperature", "top_k", "rm_margin", "rm_center_rewards_coefficient", "rollout_batch_size", "beta",
-                "epsilon", "epsilon_high", "dual_clip_c", "reward_timeout_s", "overlong_buffer_tokens", "distill_top_k")
+                "epsilon", "epsilon_high", "dual_clip_c", "reward_timeout_s", "overlong_buffer_tokens", "distill_top_k",
+                "cliprange_value", "vf_coef", "entropy_coef")
 LAYER_TYPES = ("sliding_attention", "full_attention")
-FRACTIONS = ("distill_alpha", "top_p", "min_p", "dpo_label_smoothing", "warmup_steps_fraction", "cosine_learning_rate_final_fraction", "adam_b1", "adam_b2")
+FRACTIONS = ("distill_alpha", "top_p", "min_p", "dpo_label_smoothing", "warmup_steps_fraction",
+             "cosine_learning_rate_final_fraction", "adam_b1", "adam_b2", "gamma", "lam")
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
 DISTILL_STRATEGIES = ("logit", "attention_transfer", "feature_pooling", "feature_projection")
 # Keys that fix a decoder's architecture and parameter layout: what a distillation teacher takes from its sources.
@@ -257,9 +259,14 @@ def _validate_reward_model(cfg: dict[str, Any]) -> None:
   if cfg["mode"] == "rm" and cfg["peft"] != "none":
     raise UserError(f"mode=rm trains the whole reward model (decoder and value head); peft={cfg['peft']} is not "
                     "supported there; set peft=none")
-  if cfg["critic_load_parameters_path"] and cfg["mode"] != "rm":
+  if cfg["mode"] == "ppo" and cfg["peft"] != "none":
+    raise UserError(f"mode=ppo trains the whole policy and its critic; peft={cfg['peft']} is not supported there; "
+                    "set peft=none")
+  if cfg["critic_load_parameters_path"] and cfg["mode"] not in ("rm", "ppo"):
     raise UserError(f"critic_load_parameters_path starts a value model, which mode={cfg['mode']} has none of; "
-                    "use load_parameters_path for the policy's weights, or mode=rm")
+                    "use load_parameters_path for the policy's weights, or mode=rm or ppo")
+  if cfg["reward_model_path"] and cfg["mode"] != "ppo":
+    raise UserError(f"reward_model_path scores mode=ppo's rollouts; mode={cfg['mode']} does not use it")
 
 
 def distill_strategies(entries: Sequence[Any]) -> dict[str, float]:
@@ -372,9 +379,13 @@ def _validate_rl(cfg: dict[str, Any]) -> None:
                     f"({cfg['max_new_tokens']}) for the overlong reward")
   if cfg["mode"] not in RL_MODES:
     return
-  if not functions:
-    raise UserError(f"mode={cfg['mode']} needs reward_functions (e.g. [math_answer])")
-  if cfg["num_generations"] < 2:
+  if not functions and not cfg["reward_model_path"]:
+    raise UserError(f"mode={cfg['mode']} needs reward_functions (e.g. [math_answer])"
+                    + (" or reward_model_path" if cfg["mode"] == "ppo" else ""))
+  if cfg["mode"] == "ppo" and (cfg["loss_algo"] != "grpo" or cfg["dynamic_sampling"] == "on"):
+    raise UserError("mode=ppo has its own objective and samples each prompt once per rollout batch; leave loss_algo="
+                    "grpo and dynamic_sampling off (they choose among the GRPO family)")
+  if cfg["mode"] == "grpo" and cfg["num_generations"] < 2:
     raise UserError(f"num_generations={cfg['num_generations']}: group advantages need at least 2 completions per prompt")
   if cfg["temperature"] <= 0 or cfg["beam_width"] != 1:
     raise UserError(f"mode={cfg['mode']} samples its rollouts: set temperature > 0 and beam_width=1")
@@ -388,6 +399,8 @@ def _validate_rl(cfg: dict[str, Any]) -> None:
 def _resolve_rl(cfg: dict[str, Any]) -> dict[str, Any]:
   """loss_algo's settings in place of "auto", and the rollout batch's size, checked against the step's batch."""
   scale, aggregation, dynamic = ALGO_DEFAULTS[cfg["loss_algo"]]
+  if cfg["mode"] == "ppo":  # every token of the step weighs the same, as in TRL's PPOTrainer
+    aggregation = "token-mean"
   resolved = {"scale_rewards": scale if cfg["scale_rewards"] == "auto" else cfg["scale_rewards"],
               "loss_aggregation": aggregation if cfg["loss_aggregation"] == "auto" else cfg["loss_aggregation"],
               "dynamic_sampling": dynamic if cfg["dynamic_sampling"] == "auto" else cfg["dynamic_sampling"],

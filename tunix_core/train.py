@@ -122,7 +122,9 @@ def mode_loss(mode, graphdef: nnx.GraphDef, config, params, frozen: dict, batch:
 
   With LoRA/QLoRA `params` are the adapters and frozen["base"] the (quantized) base weights; the reference
   is the same base with the adapters switched off, so no second copy of the weights exists. Trainable entries
-  that are not the model's (distill's projection) go to the mode by name.
+  that are not the model's (distill's projection) go to the mode by name. A mode whose REFERENCE_IN_LOSS is False
+  keeps its frozen reference for `prepare` only (PPO: the KL goes into the rewards), and its `params` may be another
+  module's (PPO: value_head.ActorCritic's).
   """
   extra = {key: params[key] for key in checkpoint.TRAINING_ONLY_KEYS if key in params}
   params = {key: value for key, value in params.items() if key not in extra}
@@ -131,7 +133,8 @@ def mode_loss(mode, graphdef: nnx.GraphDef, config, params, frozen: dict, batch:
     reference = nnx.merge(graphdef, frozen["base"], peft.adapters_off(params))
   else:
     policy = nnx.merge(graphdef, params)
-    reference = nnx.merge(graphdef, frozen["reference"]) if mode.needs_reference(config) else None
+    in_loss = mode.needs_reference(config) and getattr(mode, "REFERENCE_IN_LOSS", True)
+    reference = nnx.merge(graphdef, frozen["reference"]) if in_loss else None
   if teacher_graphdef is not None:
     reference = nnx.merge(teacher_graphdef, frozen["teacher"])
   elif not mode.needs_reference(config):
@@ -190,6 +193,8 @@ class Setup(NamedTuple):
   abstract_params: Any                   # the plain model's parameters
   param_shardings: Any
   value_model: bool                      # the model is value_head.ValueModel (mode=rm): the decoder + a scalar head
+  critic_graphdef: nnx.GraphDef | None   # mode=ppo: the critic's ValueModel graph; the step trains an ActorCritic
+  abstract_trainable: Any                # what the step trains: the model's params, LoRA's adapters, or PPO's pair
   lora: peft.LoraModel | None            # LoRA/QLoRA: the adapted graph, adapters (trained) and base (frozen)
   teacher: teacher_lib.Teacher | None    # mode=distill: the frozen teacher
   projection: teacher_lib.Projection | None  # mode=distill with feature_projection: its trainable maps
@@ -212,12 +217,22 @@ class Setup(NamedTuple):
 
   def starting_params(self, config) -> dict:
     """The plain weights training starts from: load_parameters_path, else hf_path, else a seeded init. A value model
-    starts from critic_load_parameters_path, else from those weights as its decoder under a zero value head."""
+    starts from critic_load_parameters_path, else from those weights as its decoder under a zero value head; PPO's
+    pair is the policy's weights and such a value model."""
     if self.value_model:
       return value_head.starting_params(
           config.critic_load_parameters_path, self.abstract_params, self.param_shardings,
           lambda: self.policy_params(config, self.abstract_params["decoder"], self.param_shardings["decoder"]))
-    return self.policy_params(config, self.abstract_params, self.param_shardings)
+    policy = self.policy_params(config, self.abstract_params, self.param_shardings)
+    if self.critic_graphdef is None:
+      return policy
+    critic = value_head.starting_params(config.critic_load_parameters_path, self.abstract_trainable["critic"],
+                                        self.shardings["params"]["critic"], lambda: jax.tree.map(jnp.copy, policy))
+    return {"policy": policy, "critic": critic}
+
+  def policy_params_of(self, params: dict) -> dict:
+    """The policy's part of trainable params (PPO trains {"policy", "critic"})."""
+    return params if self.critic_graphdef is None else params["policy"]
 
   def policy_params(self, config, abstract_params, shardings) -> dict:
     """The decoder's starting weights (abstract_params/shardings: the Transformer's): load_parameters_path, else
@@ -232,7 +247,8 @@ class Setup(NamedTuple):
   def plain_params(self, state: TrainState) -> dict:
     """The plain model's parameters of a state (LoRA adapters folded into the base; no training-only entries)."""
     if self.lora is None:
-      return {k: v for k, v in state["params"].items() if k not in checkpoint.TRAINING_ONLY_KEYS}
+      params = self.policy_params_of(state["params"])
+      return {k: v for k, v in params.items() if k not in checkpoint.TRAINING_ONLY_KEYS}
     return peft.merge(self.lora, state["frozen"]["base"], state["params"])
 
   def initial_state(self, config, checkpointer: checkpoint.Checkpointer | None, train_iterator,
@@ -250,7 +266,7 @@ class Setup(NamedTuple):
       frozen = {"base": peft.frozen_from_params(self.lora, start, donate=True)}
       start = peft.init_adapters(self.lora, config.seed)
     else:
-      frozen = {"reference": jax.tree.map(jnp.copy, start)} if self.needs_reference else {}
+      frozen = {"reference": jax.tree.map(jnp.copy, self.policy_params_of(start))} if self.needs_reference else {}
     if self.teacher is not None:
       frozen["teacher"] = self.teacher.load(config)
     if latest is None:
@@ -258,11 +274,8 @@ class Setup(NamedTuple):
         start = {**start, distill.PROJECTION_KEY: self.projection.init(
             config.seed, self.shardings["params"][distill.PROJECTION_KEY])}
       return jax.jit(self.new_state, out_shardings=self.shardings, donate_argnums=(0,))(start, frozen)
-    trainable = self.lora.abstract_trainable if self.lora is not None else self.abstract_params
-    if self.projection is not None:
-      trainable = {**trainable, distill.PROJECTION_KEY: self.projection.abstract_and_shardings(self.mesh)[0]}
     abstract = checkpoint.abstract_with_shardings(
-        jax.eval_shape(self.new_state, trainable, {}), {**self.shardings, "frozen": {}})
+        jax.eval_shape(self.new_state, self.abstract_trainable, {}), {**self.shardings, "frozen": {}})
     if config.process_index == 0:
       print(f"resuming {config.run_dir} from step {latest}", flush=True)
     return {**checkpointer.restore(latest, abstract, train_iterator), "frozen": frozen}
@@ -274,6 +287,7 @@ def build(config: ml_collections.FrozenConfigDict) -> Setup:
   rules = sharding.logical_rules(config)
   peft_config = peft.PeftConfig.from_config(config)
   value_model = config.mode in VALUE_MODEL_MODES
+  critic_graphdef = None
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     model_config = models.ModelConfig.from_config(config)
     if config.mode == "distill":
@@ -289,13 +303,18 @@ def build(config: ml_collections.FrozenConfigDict) -> Setup:
       if "feature_projection" in distill.strategies(config):
         projection = teacher_lib.projection(config, model_config, teacher, len(distill.layer_map(config)))
         projection_abstract, projection_shardings = projection.abstract_and_shardings(mesh)
+    if config.mode in ACTOR_CRITIC_MODES:
+      critic_graphdef = models.abstract_model(model_config, value_head.ValueModel)[0]
+      step_graphdef, pair_state = models.abstract_model(model_config, value_head.ActorCritic)
+      trainable, trainable_shardings = nnx.to_pure_dict(pair_state), models.param_shardings(pair_state, mesh)
   tx = optimizers.build_optimizer(config)
   needs_reference = MODES[config.mode].needs_reference(config)
   if lora is not None:
     step_graphdef, trainable, trainable_shardings = lora.graphdef, lora.abstract_trainable, lora.trainable_shardings
     frozen_shardings = {"base": lora.frozen_shardings}
   else:
-    trainable, trainable_shardings = abstract_params, param_shardings
+    if critic_graphdef is None:
+      trainable, trainable_shardings = abstract_params, param_shardings
     frozen_shardings = {"reference": param_shardings} if needs_reference else {}
   if teacher is not None:
     frozen_shardings["teacher"] = teacher.param_shardings
@@ -308,8 +327,9 @@ def build(config: ml_collections.FrozenConfigDict) -> Setup:
   eval_batch_sharding = sharding.batch_sharding(mesh, rules)
   return Setup(
       mesh=mesh, rules=rules, model_config=model_config, graphdef=graphdef, abstract_params=abstract_params,
-      param_shardings=param_shardings, value_model=value_model, lora=lora, teacher=teacher, projection=projection,
-      needs_reference=needs_reference, shardings=shardings, tx=tx,
+      param_shardings=param_shardings, value_model=value_model, critic_graphdef=critic_graphdef,
+      abstract_trainable=trainable, lora=lora, teacher=teacher, projection=projection, needs_reference=needs_reference,
+      shardings=shardings, tx=tx,
       train_step=make_train_step(step_graphdef, config, tx, optimizers.learning_rate_schedule(config), shardings,
                                  train_batch_sharding, teacher_graphdef),
       eval_step=make_eval_step(step_graphdef, config, shardings, eval_batch_sharding, teacher_graphdef),
@@ -333,6 +353,7 @@ def _distill_attention(config, model_config: models.ModelConfig) -> str:
 
 PREFERENCE_MODES = ("dpo", "orpo", "simpo", "rm")
 VALUE_MODEL_MODES = ("rm",)  # modes that train a value_head.ValueModel (the decoder + a scalar head), not the LM
+ACTOR_CRITIC_MODES = ("ppo",)  # modes that train the LM and a critic together (value_head.ActorCritic)
 RL_MODES = config_lib.RL_MODES
 
 

@@ -39,6 +39,15 @@ class ValueModel(nnx.Module):
     return jnp.take_along_axis(values, losses.last_index(segment_ids)[:, None], axis=-1)[:, 0]
 
 
+class ActorCritic(nnx.Module):
+  """PPO's trainable pair as one module, so that one train step differentiates both: `policy` (the Transformer) and
+  `critic` (a ValueModel, its own copy of the decoder). Its params are {"policy": ..., "critic": ...}."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.policy = Transformer(cfg, rngs=rngs)
+    self.critic = ValueModel(cfg, rngs=rngs)
+
+
 def starting_params(critic_path: str, abstract_params: dict, shardings: dict, decoder_params: Callable[[], dict]
                     ) -> dict:
   """A value model's starting weights: the checkpoint at critic_path (critic_load_parameters_path: a reward-model or

@@ -45,7 +45,7 @@ def policy_weights(setup, state) -> tuple[nnx.GraphDef, dict]:
   """The graph and weights the sampler runs the current policy with: the train state's own arrays (no copy); with
   LoRA/QLoRA the adapted graph over the frozen base and the adapters."""
   if setup.lora is None:
-    return setup.graphdef, state["params"]
+    return setup.graphdef, setup.policy_params_of(state["params"])
   return setup.lora.graphdef, _deep_merge(state["frozen"]["base"], state["params"])
 
 
@@ -74,19 +74,22 @@ def token_rows(prompt_ids: list[list[int]], completion_ids: list[list[int]], len
   return out
 
 
-def _log_probs(graphdef: nnx.GraphDef, config, params, frozen: dict, batch: dict, policy: bool,
-               reference: bool) -> dict[str, jax.Array]:
+def _log_probs(setup, config, params, frozen: dict, batch: dict, policy: bool, reference: bool, values: bool
+               ) -> dict[str, jax.Array]:
   out = {}
   if "base" in frozen:
-    policy_model = nnx.merge(graphdef, frozen["base"], params)
-    reference_model = nnx.merge(graphdef, frozen["base"], peft.adapters_off(params))
+    policy_model = nnx.merge(setup.lora.graphdef, frozen["base"], params)
+    reference_model = nnx.merge(setup.lora.graphdef, frozen["base"], peft.adapters_off(params))
   else:
-    policy_model = nnx.merge(graphdef, params)
-    reference_model = nnx.merge(graphdef, frozen["reference"]) if "reference" in frozen else None
+    policy_model = nnx.merge(setup.graphdef, setup.policy_params_of(params))
+    reference_model = nnx.merge(setup.graphdef, frozen["reference"]) if "reference" in frozen else None
   if policy:
     out["old_logps"] = scaled_log_probs(policy_model, batch, config)
   if reference:
     out["ref_logps"] = scaled_log_probs(reference_model, batch, config)
+  if values:
+    critic = nnx.merge(setup.critic_graphdef, params["critic"])
+    out["old_values"] = critic.values(batch["inputs"], batch["positions"], batch["segment_ids"])
   return out
 
 
@@ -99,13 +102,12 @@ class RolloutContext:
     self.reward_functions = reward_functions
     self._prompts = prompts
     self._times: dict[str, float] = {}
-    graphdef = setup.lora.graphdef if setup.lora is not None else setup.graphdef
     replicated = NamedSharding(setup.mesh, PartitionSpec())
     shardings = setup.shardings
     token_shardings = {k: setup.eval_batch_sharding for k in TOKEN_KEYS}
-    self._log_probs = jax.jit(functools.partial(_log_probs, graphdef, config),
+    self._log_probs = jax.jit(functools.partial(_log_probs, setup, config),
                               in_shardings=(shardings["params"], shardings["frozen"], token_shardings),
-                              out_shardings=replicated, static_argnums=(3, 4))
+                              out_shardings=replicated, static_argnums=(3, 4, 5))
 
   def _timed(self, name: str, fn: Callable, *args, **kwargs):
     start = time.perf_counter()
@@ -142,10 +144,11 @@ class RolloutContext:
   def rows(self, prompts: list[Prompt], completions: list[sampler_lib.Completion]) -> dict[str, np.ndarray]:
     return token_rows([p.ids for p in prompts], [c.token_ids for c in completions], self.config.max_target_length)
 
-  def log_probs(self, state, rows: dict[str, np.ndarray], *, policy: bool, reference: bool) -> dict[str, np.ndarray]:
+  def log_probs(self, state, rows: dict[str, np.ndarray], *, policy: bool, reference: bool, values: bool = False
+                ) -> dict[str, np.ndarray]:
     """Per-token log-probs [rows, length] at the rollout temperature of the current policy ("old_logps") and/or
-    the reference ("ref_logps"), run in micro-batches."""
-    if not (policy or reference):
+    the reference ("ref_logps"), and the critic's values ("old_values", mode=ppo), run in micro-batches."""
+    if not (policy or reference or values):
       return {}
     micro = self.config.micro_batch_size
     total, parts = len(rows["inputs"]), []
@@ -154,7 +157,7 @@ class RolloutContext:
       for start in range(0, total, micro):
         local = {k: rows[k][start:start + micro] for k in TOKEN_KEYS}
         batch = distributed.global_batch(_process_part(local, self.config), self.setup.eval_batch_sharding, micro)
-        parts.append(self._log_probs(state["params"], state["frozen"], batch, policy, reference))
+        parts.append(self._log_probs(state["params"], state["frozen"], batch, policy, reference, values))
       return {k: np.concatenate([np.asarray(jax.device_get(p[k])) for p in parts]) for k in parts[0]}
 
     return self._timed("log_probs", run)
