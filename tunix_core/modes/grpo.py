@@ -17,7 +17,7 @@ import numpy as np
 from tunix_core import losses
 from tunix_core.modes.base import LossOutput
 from tunix_core.rewards import runner as rewards_lib
-from tunix_core.rl import advantages as advantages_lib, dynamic_sampling, objectives
+from tunix_core.rl import advantages as advantages_lib, dynamic_sampling, objectives, step_metrics
 from tunix_core.rl.rollout import RolloutContext, scaled_log_probs
 
 WEIGHT_NAME = "loss_weight"  # what LossOutput.weight counts: tokens (token-mean) or completions, as logged
@@ -67,14 +67,11 @@ def loss(model, batch: dict[str, jax.Array], config, reference=None) -> LossOutp
 
 def host_metrics(metrics: dict[str, float]) -> dict[str, float]:
   """The step's token sums as per-token means: clip fractions, importance-ratio mean and std, entropy, kl."""
-  sums = {k: metrics.pop(f"rl/{k}_sum") for k in _SUMS if f"rl/{k}_sum" in metrics}
-  if not sums:
+  mean = step_metrics.token_means(metrics, "rl", _SUMS)
+  if mean is None:
     return metrics
-  tokens = max(sums["tokens"], 1e-30)
-  mean = {k: v / tokens for k, v in sums.items()}
   metrics.update({"clip_fraction/low": mean["clip_low"], "clip_fraction/high": mean["clip_high"],
-                  "clip_fraction/dual": mean["clip_dual"], "ratio/mean": mean["ratio"],
-                  "ratio/std": float(np.sqrt(max(mean["ratio_sq"] - mean["ratio"] ** 2, 0.0))),
+                  "clip_fraction/dual": mean["clip_dual"], "ratio/mean": mean["ratio"], "ratio/std": mean["ratio_std"],
                   "entropy": mean["entropy"], "kl": mean["kl"]})
   return metrics
 

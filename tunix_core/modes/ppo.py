@@ -21,7 +21,7 @@ import numpy as np
 from tunix_core import losses
 from tunix_core.modes.base import LossOutput
 from tunix_core.rewards import runner as rewards_lib
-from tunix_core.rl import ppo_losses, reward_model
+from tunix_core.rl import ppo_losses, reward_model, step_metrics
 from tunix_core.rl.rollout import RolloutContext, scaled_log_probs
 
 WEIGHT_NAME = "loss_weight"  # what LossOutput.weight counts: tokens (token-mean) or completions, as logged
@@ -68,15 +68,12 @@ def loss(model, batch: dict[str, jax.Array], config, reference=None) -> LossOutp
 
 def host_metrics(metrics: dict[str, float]) -> dict[str, float]:
   """The step's token sums as per-token means: clip fractions, importance-ratio mean and std, entropy, losses."""
-  sums = {k: metrics.pop(f"ppo/{k}_sum") for k in _SUMS if f"ppo/{k}_sum" in metrics}
-  if not sums:
+  mean = step_metrics.token_means(metrics, "ppo", _SUMS)
+  if mean is None:
     return metrics
-  mean = {k: v / max(sums["tokens"], 1e-30) for k, v in sums.items()}
   metrics.update({"clip_fraction": mean["clip"], "clip_fraction/value": mean["value_clip"],
-                  "ratio/mean": mean["ratio"],
-                  "ratio/std": float(np.sqrt(max(mean["ratio_sq"] - mean["ratio"] ** 2, 0.0))),
-                  "entropy": mean["entropy"], "approx_kl": mean["approx_kl"], "loss/policy": mean["policy_loss"],
-                  "loss/value": mean["value_loss"]})
+                  "ratio/mean": mean["ratio"], "ratio/std": mean["ratio_std"], "entropy": mean["entropy"],
+                  "approx_kl": mean["approx_kl"], "loss/policy": mean["policy_loss"], "loss/value": mean["value_loss"]})
   return metrics
 
 
