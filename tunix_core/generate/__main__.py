@@ -51,19 +51,6 @@ def read_prompts(config) -> list:
   return prompts
 
 
-def eos_ids(config, tokenizer) -> tuple[int, ...]:
-  """The tokenizer's EOS, plus a Hugging Face checkpoint's generation_config.json eos_token_id(s) (chat models
-  end their turns with another token, e.g. Llama 3's <|eot_id|>)."""
-  from tunix_core.generate import sampler  # pylint: disable=import-outside-toplevel
-  ids = list(sampler.eos_ids_of(tokenizer))
-  path = os.path.join(config.hf_path, "generation_config.json") if config.hf_path else ""
-  if path and os.path.isfile(path):
-    with open(path) as f:
-      extra = json.load(f).get("eos_token_id")
-    ids += [extra] if isinstance(extra, int) else list(extra or [])
-  return tuple(dict.fromkeys(int(i) for i in ids))
-
-
 def generate(argv: Sequence[str]) -> None:
   """Loads the config and the weights, generates, prints the completions to stdout."""
   config = config_lib.load(argv)
@@ -80,7 +67,7 @@ def generate(argv: Sequence[str]) -> None:
   sampling = SamplingParams(
       max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
       min_p=config.min_p, num_samples=config.num_samples, beam_width=config.beam_width,
-      length_penalty=config.length_penalty, eos_ids=eos_ids(config, tokenizer), stop_sequences=stop)
+      length_penalty=config.length_penalty, eos_ids=sampler.eos_ids(config, tokenizer), stop_sequences=stop)
   setup = train.build(config)
   with setup.activate():
     log(f"weights: {train.starting_point(config)}" + ("" if config.load_parameters_path or config.hf_path

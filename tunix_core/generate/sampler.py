@@ -9,6 +9,8 @@ n samples per prompt or beam search.
 
 from collections.abc import Sequence
 import dataclasses
+import json
+import os
 import functools
 
 import jax
@@ -83,6 +85,18 @@ def sample_arrays(graphdef: nnx.GraphDef, weights, tokens: jax.Array, mask: jax.
 def eos_ids_of(tokenizer) -> tuple[int, ...]:
   """The tokenizer's EOS id, as the default set of ids that end a completion."""
   return () if tokenizer is None or tokenizer.eos_id is None else (int(tokenizer.eos_id),)
+
+
+def eos_ids(config, tokenizer) -> tuple[int, ...]:
+  """The tokenizer's EOS, plus a Hugging Face checkpoint's generation_config.json eos_token_id(s) (chat models
+  end their turns with another token, e.g. Llama 3's <|eot_id|>)."""
+  ids = list(eos_ids_of(tokenizer))
+  path = os.path.join(config.hf_path, "generation_config.json") if config.hf_path else ""
+  if path and os.path.isfile(path):
+    with open(path) as f:
+      extra = json.load(f).get("eos_token_id")
+    ids += [extra] if isinstance(extra, int) else list(extra or [])
+  return tuple(dict.fromkeys(int(i) for i in ids))
 
 
 def _fetch(tree):

@@ -16,7 +16,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tunix_core import distributed, losses, peft
 from tunix_core.generate import sampler as sampler_lib
-from tunix_core.generate.__main__ import eos_ids
 from tunix_core.generate.sampling import SamplingParams
 from tunix_core.rewards import runner as rewards_lib
 from tunix_core.rl.data import Prompt
@@ -54,7 +53,7 @@ def sampling_params(config, tokenizer, *, greedy: bool = False) -> SamplingParam
   stop = tuple(tuple(tokenizer.encode(s)) for s in config.stop_sequences)
   return SamplingParams(max_new_tokens=config.max_new_tokens, temperature=0.0 if greedy else config.temperature,
                         top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
-                        eos_ids=eos_ids(config, tokenizer), stop_sequences=stop)
+                        eos_ids=sampler_lib.eos_ids(config, tokenizer), stop_sequences=stop)
 
 
 def token_rows(prompt_ids: list[list[int]], completion_ids: list[list[int]], length: int) -> dict[str, np.ndarray]:
