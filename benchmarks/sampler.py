@@ -24,7 +24,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from tunix_core import config as config_lib, train
 from tunix_core.errors import UserError
@@ -70,7 +69,7 @@ def benchmark(config, batch_sizes: list[int], prompt_length: int, new_tokens: in
 
     @functools.partial(jax.jit, static_argnames=("length",))
     def prefill(weights, tokens, lengths, length):
-      return engine.prefill(nnx.merge(graphdef, weights), tokens, lengths, length)
+      return engine.prefill(engine.model_for_generation(graphdef, weights), tokens, lengths, length)
 
     for batch in batch_sizes:
       tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_length)).astype(np.int32)

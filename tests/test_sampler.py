@@ -1,6 +1,7 @@
 """The sampler against independent references: step-by-step argmax of full forward passes without a cache,
 the trainer's log-probs of the same tokens, numpy logit filters; padding, seeds, frozen rows, beams."""
 
+import collections
 import dataclasses
 import functools
 
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend import core as jax_core
 
 from tunix_core import losses, sharding
 from tunix_core.generate import beam, engine, sampler
@@ -98,6 +100,38 @@ def test_unscanned_layers_decode_the_same_way():
   cfg = dataclasses.replace(LLAMA, scan_layers=False)
   got = make_sampler(cfg).generate(PROMPTS, SamplingParams(max_new_tokens=NEW))
   assert [c[0].token_ids for c in got] == [no_cache_greedy(cfg, p, NEW) for p in PROMPTS]
+
+
+def _primitive_counts(jaxpr, counts: collections.Counter) -> collections.Counter:
+  for eqn in jaxpr.eqns:
+    counts[eqn.primitive.name] += 1
+    for sub in jax_core.jaxprs_in_params(eqn.params):
+      _primitive_counts(sub, counts)
+  return counts
+
+
+def _decode_loop_primitives(cfg: ModelConfig) -> collections.Counter:
+  """Primitive counts of the body of sample_arrays' decode while_loop."""
+  graphdef, weights = split(cfg)
+  tokens = np.ones((2, 8), np.int32)
+  jaxpr = jax.make_jaxpr(lambda w: sampler.sample_arrays(
+      graphdef, w, tokens, tokens, np.arange(2, dtype=np.int32), np.uint32(0),
+      sampling=SamplingParams(max_new_tokens=4), cache_length=16, pad_id=0))(weights)
+  pending = [jaxpr.jaxpr]
+  while pending:
+    for eqn in pending.pop().eqns:
+      if eqn.primitive.name == "while":
+        return _primitive_counts(eqn.params["body_jaxpr"].jaxpr, collections.Counter())
+      pending.extend(jax_core.jaxprs_in_params(eqn.params))
+  raise AssertionError("no decode loop")
+
+
+def test_scanned_layers_decode_with_the_unscanned_loop():
+  """A scanned stack is split into per-layer modules before the loop: slicing it inside the loop copied every
+  layer's weights at each step (2.47x the memory floor on an H100, against 1.41x unscanned)."""
+  scanned = _decode_loop_primitives(LLAMA)
+  assert "scan" not in scanned
+  assert scanned == _decode_loop_primitives(dataclasses.replace(LLAMA, scan_layers=False))
 
 
 # One sampled setting for every test that samples: one compile.

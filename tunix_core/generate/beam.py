@@ -36,7 +36,7 @@ def beam_arrays(graphdef: nnx.GraphDef, weights, tokens: jax.Array, mask: jax.Ar
                 cache_length: int, pad_id: int) -> dict[str, jax.Array]:
   """Beam search for padded prompts tokens/mask [B, P]. Returns per prompt its W hypotheses, best first:
   tokens [B, W, N], raw_logprobs [B, W, N], lengths [B, W], scores [B, W], finish [B, W] (1 = stop, 0 = length)."""
-  model = nnx.merge(graphdef, weights)
+  model = engine.model_for_generation(graphdef, weights)
   tokens, prompt_lengths = engine.compact(tokens, mask)
   batch, width, steps = tokens.shape[0], sampling.beam_width, sampling.max_new_tokens
   neg = -jnp.inf

@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from tunix_core.models.transformer import KVCache, Transformer
 from tunix_core.sharding import logical_to_spec
@@ -51,6 +52,14 @@ def compact(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.take_along_axis(tokens, order, axis=1), jnp.sum(mask.astype(jnp.int32), axis=1)
 
 
+def model_for_generation(graphdef: nnx.GraphDef, weights) -> Transformer:
+  """The model to prefill and decode with: merged, with a scanned layer stack split into one module per layer
+  (Transformer.unstack_layers says why). Call it inside jit, before the decode loop."""
+  model = nnx.merge(graphdef, weights)
+  model.unstack_layers()
+  return model
+
+
 def prefill(model: Transformer, tokens: jax.Array, lengths: jax.Array, length: int) -> tuple[jax.Array, KVCache]:
   """Runs front-aligned prompts [B, P] (lengths >= 1) through the model into a new cache of `length` entries;
   returns the logits [B, V] after each prompt's last token and the cache."""
@@ -73,4 +82,4 @@ def decode(model: Transformer, tokens: jax.Array, positions: jax.Array, cache: K
 
 def reorder(cache: KVCache, rows: jax.Array) -> KVCache:
   """The cache with its batch rows taken from `rows` (beam search's survivors; copies of a prompt's rows)."""
-  return jax.tree.map(lambda a: jnp.take(a, rows, axis=a.ndim - 4), cache)
+  return jax.tree.map(lambda a: jnp.take(a, rows, axis=0), cache)

@@ -46,7 +46,7 @@ def sample_arrays(graphdef: nnx.GraphDef, weights, tokens: jax.Array, mask: jax.
   """Generates for padded prompts tokens/mask [B, P] (any padding side). row_ids [B] name each row's random
   stream together with seed. Returns tokens [B, N] (pad_id after the end), logprobs and raw_logprobs [B, N]
   (0 after the end), lengths [B] and finish [B] (an index into FINISH_REASONS)."""
-  model = nnx.merge(graphdef, weights)
+  model = engine.model_for_generation(graphdef, weights)
   tokens, lengths = engine.compact(tokens, mask)
   batch, steps = tokens.shape[0], sampling.max_new_tokens
 

@@ -172,22 +172,17 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer, preallocated for generation: each [L, B, T, K, D] when the layers are
-  scanned, else a tuple of L arrays [B, T, K, D] (separate buffers, each updated in place)."""
-  key: Any
-  value: Any
+  """Keys and values of every layer, preallocated for generation: tuples of L arrays [B, T, K, D], separate
+  buffers that each decode step updates in place."""
+  key: tuple[jax.Array, ...]
+  value: tuple[jax.Array, ...]
 
 
 class LayerCache(NamedTuple):
-  """One layer's view of a KVCache: the arrays it updates, the entries each row already holds, and (for a
-  stacked cache) which layer it is."""
+  """One layer's part of a KVCache: the arrays it updates and the entries each row already holds."""
   key: jax.Array
   value: jax.Array
   lengths: jax.Array          # int32 [B]: cached entries per row = the position of a decoded token
-  index: jax.Array | None     # this layer's row of a stacked cache; None for a per-layer array
-
-  def layer(self, array: jax.Array) -> jax.Array:
-    return array if self.index is None else array[self.index]
 
 
 CACHE_AXES = ("activation_batch", None, "activation_kv_heads", None)
@@ -254,10 +249,7 @@ class Attention(nnx.Module):
   def _store_prefill(k: jax.Array, v: jax.Array, cache: LayerCache) -> LayerCache:
     """A prefill fills an empty cache from entry 0 (its chunk attended to itself above, as in training)."""
     def store(array, new):
-      new = new.astype(array.dtype)
-      if cache.index is None:
-        return jax.lax.dynamic_update_slice(array, new, (0, 0, 0, 0))
-      return jax.lax.dynamic_update_slice(array, new[None], (cache.index, 0, 0, 0, 0))
+      return jax.lax.dynamic_update_slice(array, new.astype(array.dtype), (0, 0, 0, 0))
     return cache._replace(key=store(cache.key, k), value=store(cache.value, v))
 
   def _decode(self, q, k, v, cache: LayerCache, scale: float, window) -> tuple[jax.Array, LayerCache]:
@@ -265,12 +257,11 @@ class Attention(nnx.Module):
     0 .. lengths (the last `window` of them on sliding layers)."""
     cfg = self.cfg
     rows = jnp.arange(q.shape[0])
-    where = (rows, cache.lengths) if cache.index is None else (cache.index, rows, cache.lengths)
-    key = cache.key.at[where].set(k[:, 0].astype(cache.key.dtype), mode="drop")
-    value = cache.value.at[where].set(v[:, 0].astype(cache.value.dtype), mode="drop")
+    key = cache.key.at[rows, cache.lengths].set(k[:, 0].astype(cache.key.dtype), mode="drop")
+    value = cache.value.at[rows, cache.lengths].set(v[:, 0].astype(cache.value.dtype), mode="drop")
     cache = cache._replace(key=key, value=value)
     attended = cached_attention.attend_one(
-        q[:, 0], cache.layer(key), cache.layer(value), cache.lengths + 1, scale=scale, window=window,
+        q[:, 0], key, value, cache.lengths + 1, scale=scale, window=window,
         logit_softcap=cfg.attn_logit_softcap, implementation=cfg.attention)
     return attended[:, None], cache
 
@@ -372,13 +363,23 @@ class Transformer(nnx.Module):
     rules (batch over data/fsdp, kv heads over tensor). Call it inside jit."""
     cfg = self.cfg
     shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-    if cfg.scan_layers:
-      def zeros():
-        return shard_activation(jnp.zeros((cfg.num_layers, *shape), cfg.dtype), (None, *CACHE_AXES))
-    else:
-      def zeros():
-        return tuple(shard_activation(jnp.zeros(shape, cfg.dtype), CACHE_AXES) for _ in range(cfg.num_layers))
+
+    def zeros():
+      return tuple(shard_activation(jnp.zeros(shape, cfg.dtype), CACHE_AXES) for _ in range(cfg.num_layers))
     return KVCache(zeros(), zeros())
+
+  def unstack_layers(self) -> None:
+    """Splits a scanned layer stack into one module per layer, in place (nothing to do when unscanned): the form
+    generation needs. A decode step inside a while_loop that slices a stacked layer's weights copies them at
+    every step: on an H100, a batch-1 llama3.2-1b decode step took 2.47x its memory floor scanned and 1.41x
+    with one buffer per layer (benchmarks/RESULTS.md). Call it inside jit, before the decode loop, so the slices
+    happen once; they hold a second copy of the layer weights for as long as the generation runs."""
+    if not self.cfg.scan_layers:
+      return
+    graphdef, stacked = nnx.split(self.layers)
+    self.layers = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
+                            for i in range(self.cfg.num_layers)])
+    self.cfg = dataclasses.replace(self.cfg, scan_layers=False)
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                     cache: KVCache | None = None, cache_lengths: jax.Array | None = None,
@@ -429,27 +430,13 @@ class Transformer(nnx.Module):
 
   def _cached_layers(self, x, positions, segment_ids, inv_freq, windows, cache: KVCache, lengths: jax.Array
                      ) -> tuple[jax.Array, KVCache]:
-    """The layers with a KV cache (no rematerialisation: nothing is differentiated). A stacked cache rides in
-    the scan's carry so that each layer's update is in place rather than a copy of the whole cache."""
+    """The layers with a KV cache, one module at a time (no rematerialisation: nothing is differentiated)."""
     if self.cfg.scan_layers:
-      graphdef, stacked_state = nnx.split(self.layers)
-
-      def body(carry, per_layer):
-        x, key, value = carry
-        layer_state, layer_inv_freq, window, index = per_layer
-        layer = nnx.merge(graphdef, layer_state)
-        x, updated = layer(x, positions, segment_ids, layer_inv_freq, window,
-                           LayerCache(key, value, lengths, index))
-        return (x, updated.key, updated.value), None
-
-      layer_ids = jnp.arange(self.cfg.num_layers)
-      (x, key, value), _ = jax.lax.scan(body, (x, cache.key, cache.value),
-                                        (stacked_state, inv_freq, windows, layer_ids))
-      return self.final_norm(x), KVCache(key, value)
+      raise ValueError("generation with a KV cache needs one module per layer: call model.unstack_layers() first")
     keys, values = [], []
     for i, layer in enumerate(self.layers):
       x, updated = layer(x, positions, segment_ids, inv_freq[i], windows[i],
-                         LayerCache(cache.key[i], cache.value[i], lengths, None))
+                         LayerCache(cache.key[i], cache.value[i], lengths))
       keys.append(updated.key)
       values.append(updated.value)
     return self.final_norm(x), KVCache(tuple(keys), tuple(values))
