@@ -68,7 +68,7 @@ PROBLEM = "Hugo has 7 pencils. He gets 4 more and then gives 8 to Lena. How many
 ])
 def test_arithmetic_steps_against_the_prompt(text, expected):
   assert builtin.arithmetic_steps_score(text, PROBLEM) == expected
-  reward = builtin.make_arithmetic_steps(CONFIG)
+  reward = runner.resolve_one(CONFIG, "arithmetic_steps").fn  # registered as a built-in
   assert reward([PROBLEM], [text], answer=[3]) == [expected]
   assert reward([[{"role": "user", "content": PROBLEM}]], [text], answer=[3]) == [expected]  # a chat prompt
 
