@@ -44,6 +44,35 @@ def test_math_answer_format_length_and_overlong():
     builtin.make_math_answer(CONFIG)([], completions, completion_ids=ids)
 
 
+@pytest.mark.parametrize("text,expected", [
+    ("17 + 16 = 33. 33 - 26 = 7. The answer is 7.", 1.0),   # the bundled task's form, both steps right
+    ("7 + 4 = 11. 11 - 8 = 9. The answer is 9.", 0.5),      # 11 - 8 is 3
+    ("3 * 7 = 22. The answer is 22.", 0.0),
+    ("5 - 9 = -4, then -4 x 3 = -12 and 2.5 / 0.5 = 5", 1.0),  # negatives, decimals, x for times
+    ("9 / 0 = 0 and 1 + 1 = 2", 0.5),                          # division by zero is never right
+    ("The answer is 7.", 0.0),                                 # no working earns nothing
+])
+def test_arithmetic_steps_without_prompt(text, expected):
+  assert builtin.arithmetic_steps_score(text) == expected
+
+
+PROBLEM = "Hugo has 7 pencils. He gets 4 more and then gives 8 to Lena. How many pencils does Hugo have now?\n"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("7 + 4 = 11. 11 - 8 = 3. The answer is 3.", 1.0),
+    ("7 + 5 = 12. 12 - 8 = 4. The answer is 4.", 0.5),  # 5 is not in the problem; 12 is an earlier result
+    ("7 + 4 = 12. 12 - 8 = 4. The answer is 4.", 0.5),  # a wrong result carried on is not counted twice
+    ("1 + 1 = 2. The answer is 2.", 0.0),               # right arithmetic on numbers from nowhere
+    ("7 + 4 = 11. 11 - 8 = 9. The answer is 9.", 0.5),
+])
+def test_arithmetic_steps_against_the_prompt(text, expected):
+  assert builtin.arithmetic_steps_score(text, PROBLEM) == expected
+  reward = runner.resolve_one(CONFIG, "arithmetic_steps").fn  # registered as a built-in
+  assert reward([PROBLEM], [text], answer=[3]) == [expected]
+  assert reward([[{"role": "user", "content": PROBLEM}]], [text], answer=[3]) == [expected]  # a chat prompt
+
+
 def _user_module(tmp_path, monkeypatch, source: str) -> str:
   name = f"my_rewards_{tmp_path.name}"  # one module name per test: imports are cached
   (tmp_path / f"{name}.py").write_text(source)

@@ -1,5 +1,5 @@
-"""Built-in reward functions: a math answer verifier, a regex format check, a length penalty and DAPO's overlong
-shaping (lengths in tokens). Each `make_*` takes the config and returns a reward function."""
+"""Built-in reward functions: a math answer verifier, a check of the worked arithmetic, a regex format check, a
+length penalty and DAPO's overlong shaping (lengths in tokens). Each `make_*` takes the config and returns a reward function."""
 
 from collections.abc import Callable, Sequence
 import math
@@ -73,6 +73,47 @@ def make_math_answer(config) -> RewardFn:
   return math_answer
 
 
+# One worked step "a op b = c" (integers or decimals; op one of + - * / x ×), e.g. "17 + 16 = 33".
+_STEP = re.compile(r"(-?\d+(?:\.\d+)?)\s*([-+*/x×])\s*(-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")
+_OPS: dict[str, Callable[[float, float], float | None]] = {
+    "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "x": lambda a, b: a * b,
+    "×": lambda a, b: a * b, "/": lambda a, b: a / b if b else None}
+
+
+def _prompt_text(prompt) -> str:
+  """A prompt as text: itself, or the contents of its chat messages."""
+  return prompt if isinstance(prompt, str) else " ".join(str(m.get("content", "")) for m in prompt)
+
+
+def arithmetic_steps_score(text: str, prompt: str | None = None) -> float:
+  """The fraction of the completion's "a op b = c" statements that are right: c is a op b and, when the prompt is
+  given, each operand is a number of the prompt or an earlier statement's result (so "1 + 1 = 2" padding, or a
+  number miscopied from the problem, does not count). 0.0 when it has none, so skipping the working earns nothing."""
+  steps = _STEP.findall(text)
+  if not steps:
+    return 0.0
+  known = None if prompt is None else {float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", prompt)}
+  right = 0
+  for a, op, b, c in steps:
+    value = _OPS[op](float(a), float(b))
+    correct = value is not None and math.isclose(value, float(c), rel_tol=1e-9, abs_tol=1e-9)
+    if known is not None:
+      correct = correct and float(a) in known and float(b) in known
+      known.add(float(c))
+    right += correct
+  return right / len(steps)
+
+
+def make_arithmetic_steps(config) -> RewardFn:
+  """`arithmetic_steps_score` of each completion against its prompt: a per-step signal for chain-of-thought
+  arithmetic, where the final answer alone (math_answer) rewards nothing until every step is right."""
+
+  def arithmetic_steps(prompts: Sequence, completions: Sequence[str], **columns) -> list[float]:
+    return [arithmetic_steps_score(c, _prompt_text(p)) for p, c in zip(prompts, completions)]
+
+  return arithmetic_steps
+
+
 def make_format(config) -> RewardFn:
   """1.0 when `format_regex` matches somewhere in the completion (re.search; anchor it to demand more)."""
   pattern = re.compile(config.format_regex, re.DOTALL)
@@ -117,4 +158,5 @@ def make_overlong(config) -> RewardFn:
 
 
 BUILTINS: dict[str, Callable[..., RewardFn]] = {
-    "math_answer": make_math_answer, "format": make_format, "length": make_length, "overlong": make_overlong}
+    "math_answer": make_math_answer, "arithmetic_steps": make_arithmetic_steps, "format": make_format,
+    "length": make_length, "overlong": make_overlong}
