@@ -4,13 +4,9 @@
 set -euo pipefail
 out=${1:?usage: $0 OUT_DIR}
 cd "$(dirname "$0")/../.."
-if [ ! -d "$out/sft/checkpoints" ]; then
-  .venv/bin/python -m tunix_core.train configs/base.yml base_output_directory="$out" run_name=sft \
-    sample_max_new_tokens=0
-fi
-.venv/bin/python -m tunix_core.train configs/dpo_default.yml base_output_directory="$out" \
-  load_parameters_path="$out/sft"
-.venv/bin/python - "$out/dpo_default/metrics.jsonl" <<'PY'
+source end_to_end/cpu/after_sft.sh
+after_sft configs/dpo_default.yml "$out" "DPO"
+"$python" - "$out/dpo_default/metrics.jsonl" <<'PY'
 import json, math, sys
 records = [json.loads(line) for line in open(sys.argv[1])]
 train = [r for r in records if "loss" in r]

@@ -5,16 +5,9 @@
 set -euo pipefail
 out=${1:?usage: $0 OUT_DIR}
 cd "$(dirname "$0")/../.."
-start=$SECONDS
-if [ ! -d "$out/sft/checkpoints" ]; then
-  .venv/bin/python -m tunix_core.train configs/base.yml base_output_directory="$out" run_name=sft \
-    sample_max_new_tokens=0
-fi
-sft_done=$SECONDS
-.venv/bin/python -m tunix_core.train configs/grpo_default.yml base_output_directory="$out" \
-  load_parameters_path="$out/sft"
-echo "wall time: SFT $((sft_done - start)) s, GRPO $((SECONDS - sft_done)) s"
-.venv/bin/python - "$out/grpo_default/metrics.jsonl" <<'PY'
+source end_to_end/cpu/after_sft.sh
+after_sft configs/grpo_default.yml "$out" "GRPO"
+"$python" - "$out/grpo_default/metrics.jsonl" <<'PY'
 import json, sys
 records = [json.loads(line) for line in open(sys.argv[1])]
 accuracy = [(r["step"], r["eval/accuracy"]) for r in records if "eval/accuracy" in r]

@@ -5,14 +5,8 @@
 set -euo pipefail
 out=${1:?usage: $0 OUT_DIR}
 cd "$(dirname "$0")/../.."
-python=${PYTHON:-.venv/bin/python}
-start=$SECONDS
-if [ ! -d "$out/sft/checkpoints" ]; then
-  "$python" -m tunix_core.train configs/base.yml base_output_directory="$out" run_name=sft sample_max_new_tokens=0
-fi
-sft_done=$SECONDS
-"$python" -m tunix_core.train configs/ppo_default.yml base_output_directory="$out" load_parameters_path="$out/sft"
-echo "wall time: SFT $((sft_done - start)) s, PPO $((SECONDS - sft_done)) s"
+source end_to_end/cpu/after_sft.sh
+after_sft configs/ppo_default.yml "$out" "PPO"
 "$python" - "$out/ppo_default/metrics.jsonl" <<'PY'
 import json, sys
 records = [json.loads(line) for line in open(sys.argv[1])]

@@ -5,13 +5,9 @@
 set -euo pipefail
 out=${1:?usage: $0 OUT_DIR}
 cd "$(dirname "$0")/../.."
-if [ ! -d "$out/sft/checkpoints" ]; then
-  .venv/bin/python -m tunix_core.train configs/base.yml base_output_directory="$out" run_name=sft \
-    sample_max_new_tokens=0
-fi
-.venv/bin/python -m tunix_core.train configs/rm_default.yml base_output_directory="$out" \
-  load_parameters_path="$out/sft"
-.venv/bin/python - "$out/rm_default" <<'PY'
+source end_to_end/cpu/after_sft.sh
+after_sft configs/rm_default.yml "$out" "reward model"
+"$python" - "$out/rm_default" <<'PY'
 import json, sys
 import numpy as np
 from tunix_core.rl import reward_model
