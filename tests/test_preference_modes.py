@@ -2,6 +2,7 @@
 
 import json
 import math
+import pathlib
 
 import jax
 import numpy as np
@@ -75,7 +76,7 @@ def test_precomputed_reference_trains_like_the_frozen_copy(tmp_path):
   # The precomputing pass covers every pair of both files: small files keep it short.
   subsets = {}
   for split, pairs in (("train", 64), ("eval", 16)):
-    lines = open(f"assets/arithmetic/preference_{split}.jsonl").read().splitlines()[:pairs]
+    lines = pathlib.Path(f"assets/arithmetic/preference_{split}.jsonl").read_text().splitlines()[:pairs]
     subsets[split] = tmp_path / f"{split}.jsonl"
     subsets[split].write_text("\n".join(lines) + "\n")
   common = ["configs/base.yml", "mode=dpo", "steps=3", "eval_interval=3", "eval_steps=2",
