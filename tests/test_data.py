@@ -3,6 +3,7 @@
 import json
 import pathlib
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -514,3 +515,17 @@ def test_arithmetic_examples_are_consistent():
     assert arithmetic.extract_answer(example["prompt"]) is None
   train = {json.loads(line)["prompt"] for line in open(TRAIN)}
   assert not train & {json.loads(line)["prompt"] for line in open(EVAL)}
+
+
+def test_problem_kind_matches_the_operators_of_the_reference_working():
+  by_operators = {("+",): "a + b", ("-",): "a - b", ("*",): "a * b", ("+", "-"): "a + b - c"}
+  rng = random.Random(1)
+  seen = set()
+  for _ in range(400):
+    example = arithmetic.make_example(rng)
+    operators = tuple(re.findall(r" ([-+*]) ", example["completion"]))
+    assert arithmetic.problem_kind(example["prompt"]) == by_operators[operators]
+    seen.add(operators)
+  assert seen == set(by_operators)
+  with pytest.raises(ValueError, match="not a bundled arithmetic problem"):
+    arithmetic.problem_kind("What is 2 + 2?")

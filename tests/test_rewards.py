@@ -73,6 +73,21 @@ def test_arithmetic_steps_against_the_prompt(text, expected):
   assert reward([[{"role": "user", "content": PROBLEM}]], [text], answer=[3]) == [expected]  # a chat prompt
 
 
+@pytest.mark.parametrize("text,expected", [
+    ("7 + 4 = 11. 11 - 8 = 3. The answer is 3.", 1.0),
+    ("7 + 5 = 12. 12 - 9 = 3. The answer is 3.", 0.0),  # the right answer from numbers not in the problem
+    ("7 + 4 = 12. 12 - 8 = 3. The answer is 3.", 0.0),  # the right answer after wrong steps
+    ("7 + 4 = 11. 11 - 8 = 3. The answer is 4.", 0.0),  # right working, wrong answer
+    ("The answer is 3.", 0.0),                          # no working
+])
+def test_faithful_answer_needs_the_answer_and_every_step(text, expected):
+  reward = runner.resolve_one(CONFIG, "faithful_answer").fn  # registered as a built-in
+  assert reward([PROBLEM], [text], answer=[3]) == [expected]
+  assert reward([[{"role": "user", "content": PROBLEM}]], [text], answer=[3]) == [expected]
+  with pytest.raises(KeyError, match="answer_field"):
+    reward([PROBLEM], [text])
+
+
 def _user_module(tmp_path, monkeypatch, source: str) -> str:
   name = f"my_rewards_{tmp_path.name}"  # one module name per test: imports are cached
   (tmp_path / f"{name}.py").write_text(source)

@@ -61,6 +61,20 @@ def make_example(rng: random.Random) -> dict:
   return {"prompt": prompt + "\n", "completion": f"{working} The answer is {answer}.", "answer": answer}
 
 
+def problem_kind(prompt: str) -> str:
+  """Which template wrote `prompt`: "a + b", "a - b", "a * b" or "a + b - c" (per-kind results tell a model's
+  missing arithmetic facts from a failure to chain two steps)."""
+  if "and then gives" in prompt:
+    return "a + b - c"
+  if " bags with " in prompt:
+    return "a * b"
+  if " and gives " in prompt:
+    return "a - b"
+  if " more. How many " in prompt:
+    return "a + b"
+  raise ValueError(f"not a bundled arithmetic problem: {prompt!r}")
+
+
 def extract_answer(text: str) -> int | None:
   """The N of "The answer is N." in `text`; None when absent or when the text states different answers."""
   answers = {int(m) for m in _ANSWER.findall(text)}

@@ -1,5 +1,5 @@
-"""Built-in reward functions: a math answer verifier, a check of the worked arithmetic, a regex format check, a
-length penalty and DAPO's overlong shaping (lengths in tokens). Each `make_*` takes the config and returns a reward function."""
+"""Built-in reward functions: a math answer verifier, a check of the worked arithmetic, the two together, a regex
+format check, a length penalty and DAPO's overlong shaping (lengths in tokens). Each `make_*` takes the config and returns a reward function."""
 
 from collections.abc import Callable, Sequence
 import math
@@ -114,6 +114,20 @@ def make_arithmetic_steps(config) -> RewardFn:
   return arithmetic_steps
 
 
+def make_faithful_answer(config) -> RewardFn:
+  """1.0 when the final answer is right (math_answer) and so is every worked step (arithmetic_steps_score 1.0: each
+  "a op b = c" right, its operands numbers of the prompt or earlier results), else 0.0. The final answer alone
+  also pays for a right answer after wrong working, and GRPO on it learns to write such working (RESULTS.md)."""
+  math_answer = make_math_answer(config)
+
+  def faithful_answer(prompts: Sequence, completions: Sequence[str], **columns) -> list[float]:
+    answers = math_answer(prompts, completions, **columns)
+    return [float(right == 1.0 and arithmetic_steps_score(c, _prompt_text(p)) == 1.0)
+            for right, p, c in zip(answers, prompts, completions)]
+
+  return faithful_answer
+
+
 def make_format(config) -> RewardFn:
   """1.0 when `format_regex` matches somewhere in the completion (re.search; anchor it to demand more)."""
   pattern = re.compile(config.format_regex, re.DOTALL)
@@ -158,5 +172,6 @@ def make_overlong(config) -> RewardFn:
 
 
 BUILTINS: dict[str, Callable[..., RewardFn]] = {
-    "math_answer": make_math_answer, "arithmetic_steps": make_arithmetic_steps, "format": make_format,
+    "math_answer": make_math_answer, "arithmetic_steps": make_arithmetic_steps,
+    "faithful_answer": make_faithful_answer, "format": make_format,
     "length": make_length, "overlong": make_overlong}
