@@ -14,24 +14,10 @@ problem or an earlier result; miscopied = the share of completions with an opera
 import argparse
 import collections
 import json
-import re
 import sys
 
 from tunix_core.data.arithmetic import extract_answer, problem_kind
-from tunix_core.rewards.builtin import arithmetic_steps_score
-
-_STEP = re.compile(r"(-?\d+) [-+*/] (-?\d+) = (-?\d+)")
-
-
-def _miscopied(prompt: str, completion: str) -> bool:
-  """Whether a step's operand is neither a number of the problem nor an earlier step's result."""
-  known = set(re.findall(r"-?\d+", prompt))
-  for a, b, result in _STEP.findall(completion):
-    if a not in known or b not in known:
-      return True
-    known.add(result)
-  return False
-
+from tunix_core.rewards.builtin import arithmetic_steps_score, check_steps
 
 def breakdown(completions: list[dict], problems: list[dict]) -> dict[str, dict[str, float]]:
   """{kind (and "all"): {"prompts", "accuracy", "pass", "lucky", "miscopied"}} over completions grouped by
@@ -50,7 +36,7 @@ def breakdown(completions: list[dict], problems: list[dict]) -> dict[str, dict[s
       tally["right"] += sum(right)
       tally["solved"] += any(right)
       tally["lucky"] += sum(ok and arithmetic_steps_score(t, problem["prompt"]) < 1.0 for t, ok in zip(texts, right))
-      tally["miscopied"] += sum(_miscopied(problem["prompt"], t) for t in texts)
+      tally["miscopied"] += sum(not all(c.operands_known for c in check_steps(t, problem["prompt"])) for t in texts)
   return {kind: {"prompts": t["prompts"], "accuracy": t["right"] / t["completions"], "pass": t["solved"] / t["prompts"],
                  "lucky": t["lucky"] / max(t["right"], 1), "miscopied": t["miscopied"] / t["completions"]}
           for kind, t in counts.items()}

@@ -73,6 +73,12 @@ def test_arithmetic_steps_against_the_prompt(text, expected):
   assert reward([[{"role": "user", "content": PROBLEM}]], [text], answer=[3]) == [expected]  # a chat prompt
 
 
+def test_check_steps_separates_wrong_results_from_miscopied_operands():
+  checks = builtin.check_steps("7 + 5 = 12. 12 - 8 = 3. 3 * 2 = 6.", PROBLEM)
+  assert checks == [(True, False), (False, True), (True, False)]  # 5 and 2 are not in the problem; 12 - 8 is 4
+  assert builtin.check_steps("7 + 5 = 12.") == [(True, True)]    # without a prompt every operand counts as known
+
+
 @pytest.mark.parametrize("text,expected", [
     ("7 + 4 = 11. 11 - 8 = 3. The answer is 3.", 1.0),
     ("7 + 5 = 12. 12 - 9 = 3. The answer is 3.", 0.0),  # the right answer from numbers not in the problem

@@ -4,6 +4,7 @@ format check, a length penalty and DAPO's overlong shaping (lengths in tokens). 
 from collections.abc import Callable, Sequence
 import math
 import re
+from typing import NamedTuple
 
 RewardFn = Callable[..., list[float]]
 
@@ -85,23 +86,33 @@ def _prompt_text(prompt) -> str:
   return prompt if isinstance(prompt, str) else " ".join(str(m.get("content", "")) for m in prompt)
 
 
+class StepCheck(NamedTuple):
+  """One worked step "a op b = c": whether c is a op b, and whether both operands are numbers of the prompt or
+  earlier results (True when no prompt was given)."""
+  result_right: bool
+  operands_known: bool
+
+
+def check_steps(text: str, prompt: str | None = None) -> list[StepCheck]:
+  """Each "a op b = c" statement of the completion, in order, checked (an earlier result counts as known)."""
+  known = None if prompt is None else {float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", prompt)}
+  checks = []
+  for a, op, b, c in _STEP.findall(text):
+    value = _OPS[op](float(a), float(b))
+    result_right = value is not None and math.isclose(value, float(c), rel_tol=1e-9, abs_tol=1e-9)
+    operands_known = known is None or (float(a) in known and float(b) in known)
+    if known is not None:
+      known.add(float(c))
+    checks.append(StepCheck(result_right, operands_known))
+  return checks
+
+
 def arithmetic_steps_score(text: str, prompt: str | None = None) -> float:
   """The fraction of the completion's "a op b = c" statements that are right: c is a op b and, when the prompt is
   given, each operand is a number of the prompt or an earlier statement's result (so "1 + 1 = 2" padding, or a
   number miscopied from the problem, does not count). 0.0 when it has none, so skipping the working earns nothing."""
-  steps = _STEP.findall(text)
-  if not steps:
-    return 0.0
-  known = None if prompt is None else {float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", prompt)}
-  right = 0
-  for a, op, b, c in steps:
-    value = _OPS[op](float(a), float(b))
-    correct = value is not None and math.isclose(value, float(c), rel_tol=1e-9, abs_tol=1e-9)
-    if known is not None:
-      correct = correct and float(a) in known and float(b) in known
-      known.add(float(c))
-    right += correct
-  return right / len(steps)
+  checks = check_steps(text, prompt)
+  return sum(c.result_right and c.operands_known for c in checks) / len(checks) if checks else 0.0
 
 
 def make_arithmetic_steps(config) -> RewardFn:
