@@ -8,7 +8,8 @@ and how often a right answer comes with wrong working. Reads what `tunix_core.ge
 Columns: accuracy = the mean over completions of the math verifier (the greedy one is eval/accuracy of the RL
 modes); pass@n = the share of prompts with at least one right completion (n = completions per prompt); lucky = the
 share of right answers whose "a op b = c" working has a wrong result or an operand that is not a number of the
-problem or an earlier result; miscopied = the share of completions with an operand that is neither a number of the problem nor an earlier result.
+problem or an earlier result; miscopied = the share of completions with an operand that is neither a number of the
+problem nor an earlier result.
 """
 
 import argparse
@@ -18,6 +19,7 @@ import sys
 
 from tunix_core.data.arithmetic import extract_answer, problem_kind
 from tunix_core.rewards.builtin import arithmetic_steps_score, check_steps
+
 
 def breakdown(completions: list[dict], problems: list[dict]) -> dict[str, dict[str, float]]:
   """{kind (and "all"): {"prompts", "accuracy", "pass", "lucky", "miscopied"}} over completions grouped by
