@@ -18,7 +18,7 @@ import json
 import sys
 
 from tunix_core.data.arithmetic import extract_answer, problem_kind
-from tunix_core.rewards.builtin import arithmetic_steps_score, check_steps
+from tunix_core.rewards.builtin import check_steps
 
 
 def breakdown(completions: list[dict], problems: list[dict]) -> dict[str, dict[str, float]]:
@@ -37,8 +37,11 @@ def breakdown(completions: list[dict], problems: list[dict]) -> dict[str, dict[s
       tally["completions"] += len(texts)
       tally["right"] += sum(right)
       tally["solved"] += any(right)
-      tally["lucky"] += sum(ok and arithmetic_steps_score(t, problem["prompt"]) < 1.0 for t, ok in zip(texts, right))
-      tally["miscopied"] += sum(not all(c.operands_known for c in check_steps(t, problem["prompt"])) for t in texts)
+      for text, ok in zip(texts, right):
+        checks = check_steps(text, problem["prompt"])
+        # As faithful_answer: no working at all is not faithful working.
+        tally["lucky"] += ok and not (checks and all(c.result_right and c.operands_known for c in checks))
+        tally["miscopied"] += not all(c.operands_known for c in checks)
   return {kind: {"prompts": t["prompts"], "accuracy": t["right"] / t["completions"], "pass": t["solved"] / t["prompts"],
                  "lucky": t["lucky"] / max(t["right"], 1), "miscopied": t["miscopied"] / t["completions"]}
           for kind, t in counts.items()}
@@ -49,15 +52,19 @@ def main() -> int:
   parser.add_argument("completions", help="JSONL written by python3 -m tunix_core.generate ... prompts_file=EVAL")
   parser.add_argument("--eval", default="assets/arithmetic/eval.jsonl", help="the prompts file they answer")
   args = parser.parse_args()
-  with open(args.eval) as f:
-    problems = [json.loads(line) for line in f if line.strip()]
-  with open(args.completions) as f:
-    completions = [json.loads(line) for line in f if line.strip()]
-  if not completions or max(c["prompt_index"] for c in completions) >= len(problems):
-    print(f"{args.completions}: no completions, or more prompts than {args.eval} holds", file=sys.stderr)
+  try:
+    with open(args.eval) as f:
+      problems = [json.loads(line) for line in f if line.strip()]
+    with open(args.completions) as f:
+      completions = [json.loads(line) for line in f if line.strip()]
+    if not completions or max(c["prompt_index"] for c in completions) >= len(problems):
+      raise ValueError(f"no completions, or prompt indices past the {len(problems)} prompts of {args.eval}")
+    rows = breakdown(completions, problems)
+  except (OSError, ValueError, KeyError) as e:
+    print(f"arithmetic_breakdown: error: {e}; give the JSONL that python3 -m tunix_core.generate wrote for "
+          f"prompts_file={args.eval}", file=sys.stderr)
     return 2
   per_prompt = len(completions) // len({c["prompt_index"] for c in completions})
-  rows = breakdown(completions, problems)
   print(f"| kind | prompts | accuracy | pass@{per_prompt} | lucky | miscopied |\n| --- | --- | --- | --- | --- | --- |")
   for kind in sorted(rows, key=lambda k: (k == "all", k)):
     r = rows[kind]
