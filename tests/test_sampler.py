@@ -186,6 +186,34 @@ def test_seeds_reproduce_and_n_samples_per_prompt():
     assert len({tuple(c.token_ids) for c in group}) == 3
 
 
+@pytest.mark.parametrize("batch_size", [4, 6])
+def test_samples_of_a_prompt_share_its_prefill_and_match_rows_prefilled_alone(batch_size):
+  """3 samples per prompt in batches of 6 (aligned with the groups) and of 4 (a batch starts mid-group): each
+  prompt is prefilled once per batch, and every row equals that row generated from its own prefill."""
+  n = 3
+  got = make_sampler(LLAMA, batch_size=batch_size).generate(PROMPTS, dataclasses.replace(SAMPLED, num_samples=n),
+                                                             seed=11)
+  graphdef, weights = split(LLAMA)
+  rows = [(p, s) for p in range(len(PROMPTS)) for s in range(n)]
+  tokens = np.zeros((len(rows), 8), np.int32)
+  for i, (p, _) in enumerate(rows):
+    tokens[i, :len(PROMPTS[p])] = PROMPTS[p]
+  alone = sampler.sample_arrays(graphdef, weights, tokens, tokens > 0, np.asarray([p * n + s for p, s in rows]),
+                                np.uint32(11), sampling=SAMPLED, cache_length=32, pad_id=0)
+  for i, (p, s) in enumerate(rows):
+    completion = got[p][s]
+    assert completion.token_ids == alone["tokens"][i, :completion.length].tolist()
+    np.testing.assert_allclose(completion.logprobs, alone["logprobs"][i, :completion.length], atol=1e-5)
+
+
+def test_prompts_per_batch_cover_every_group_alignment():
+  for batch_size, n, shards, expected in [(128, 8, 1, 16), (4, 3, 1, 2), (6, 3, 1, 2), (5, 2, 1, 3), (4, 3, 8, 4),
+                                          (128, 8, 8, 16), (3, 8, 1, 2)]:
+    assert sampler._distinct_prompts(batch_size, n, shards) == expected
+    for start in range(0, 3 * batch_size * n, batch_size):  # every batch a prompt-major row list can cut
+      assert len({row // n for row in range(start, start + batch_size)}) <= expected
+
+
 def test_finished_rows_never_change_again():
   free = make_sampler(LLAMA).generate(PROMPTS, SamplingParams(max_new_tokens=NEW))
   eos = free[0][0].token_ids[3]  # row 0 now ends at its 4th token

@@ -4,7 +4,7 @@
 against a preallocated KV cache, each row stopping at an EOS id, a stop sequence or max_new_tokens, and the
 loop ending as soon as every row is done. `Sampler` is the host-side front end: token-id prompts in,
 `Completion`s out, with prompts batched, padded to length buckets (one compile per bucket and setting), and
-n samples per prompt or beam search.
+n samples per prompt (each prompt prefilled once per batch, its cache copied to its n rows) or beam search.
 """
 
 from collections.abc import Sequence
@@ -42,13 +42,15 @@ class Completion:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "cache_length", "pad_id"))
 def sample_arrays(graphdef: nnx.GraphDef, weights, tokens: jax.Array, mask: jax.Array, row_ids: jax.Array,
-                  seed: jax.Array, *, sampling: SamplingParams, cache_length: int, pad_id: int) -> dict[str, jax.Array]:
-  """Generates for padded prompts tokens/mask [B, P] (any padding side). row_ids [B] name each row's random
-  stream together with seed. Returns tokens [B, N] (pad_id after the end), logprobs and raw_logprobs [B, N]
-  (0 after the end), lengths [B] and finish [B] (an index into FINISH_REASONS)."""
+                  seed: jax.Array, *, sampling: SamplingParams, cache_length: int, pad_id: int,
+                  prompt_rows: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Generates B rows for padded prompts tokens/mask [U, P] (any padding side): row b continues prompt
+  prompt_rows[b] (None: U = B, row b prompt b). row_ids [B] name each row's random stream together with seed.
+  Returns tokens [B, N] (pad_id after the end), logprobs and raw_logprobs [B, N] (0 after the end), lengths [B]
+  and finish [B] (an index into FINISH_REASONS)."""
   model = engine.model_for_generation(graphdef, weights)
   tokens, lengths = engine.compact(tokens, mask)
-  batch, steps = tokens.shape[0], sampling.max_new_tokens
+  batch, steps = row_ids.shape[0], sampling.max_new_tokens
 
   def record(state, logits, step):
     new, scaled, raw = choose(logits, row_keys(seed, row_ids, step), sampling)
@@ -63,6 +65,8 @@ def sample_arrays(graphdef: nnx.GraphDef, weights, tokens: jax.Array, mask: jax.
             "cache": state["cache"], "step": jnp.asarray(step + 1, jnp.int32)}
 
   logits, cache = engine.prefill(model, tokens, lengths, cache_length)
+  if prompt_rows is not None:  # a prompt's rows share its prefill: GRPO's groups cost one prefill, not n
+    logits, lengths, cache = logits[prompt_rows], lengths[prompt_rows], engine.reorder(cache, prompt_rows)
   zeros = jnp.zeros((batch, steps), jnp.float32)
   no = jnp.zeros((batch,), bool)
   state = record({"tokens": jnp.full((batch, steps), pad_id, jnp.int32), "logprobs": zeros, "raw_logprobs": zeros,
@@ -97,6 +101,13 @@ def eos_ids(config, tokenizer) -> tuple[int, ...]:
       extra = json.load(f).get("eos_token_id")
     ids += [extra] if isinstance(extra, int) else list(extra or [])
   return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def _distinct_prompts(batch_size: int, num_samples: int, shards: int) -> int:
+  """The most prompts a batch of prompt-major rows (num_samples per prompt) can hold, rounded up to whole shards.
+  Batches start at multiples of batch_size, so when num_samples divides it no batch starts mid-prompt."""
+  most = batch_size // num_samples if batch_size % num_samples == 0 else -(-(batch_size - 1) // num_samples) + 1
+  return min(batch_size, -(-most // shards) * shards)
 
 
 def _fetch(tree):
@@ -134,14 +145,18 @@ class Sampler:
     compiled_sampling = dataclasses.replace(sampling, num_samples=1)
     shards = engine.batch_shards()
     batch_size = -(-self.batch_size // shards) * shards
+    shared = not searching and sampling.num_samples > 1
+    prefills = _distinct_prompts(batch_size, sampling.num_samples, shards) if shared else batch_size
     for start in range(0, len(rows), batch_size):
       chunk = rows[start:start + batch_size]
       padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-      longest = max(len(prompts[p]) for p, _ in padded)
+      sources = list(dict.fromkeys(p for p, _ in padded)) if shared else [p for p, _ in padded]
+      sources += [sources[-1]] * (prefills - len(sources))
+      longest = max(len(prompts[p]) for p in sources)
       width = engine.bucket(longest, self.prefill_buckets)
-      tokens = np.full((len(padded), width), self.pad_id, np.int32)
-      mask = np.zeros((len(padded), width), bool)
-      for i, (p, _) in enumerate(padded):
+      tokens = np.full((prefills, width), self.pad_id, np.int32)
+      mask = np.zeros((prefills, width), bool)
+      for i, p in enumerate(sources):
         tokens[i, :len(prompts[p])] = prompts[p]
         mask[i, :len(prompts[p])] = True
       length = engine.cache_length(width, sampling.max_new_tokens)
@@ -153,8 +168,10 @@ class Sampler:
             results[p].append(self._completion(out, (i, s), p, s, sampling.eos_ids, scaled="raw_logprobs"))
       else:
         row_ids = np.asarray([p * sampling.num_samples + s for p, s in padded], np.int32)
+        prompt_rows = np.asarray([sources.index(p) for p, _ in padded], np.int32) if shared else None
         out = _fetch(sample_arrays(self.graphdef, self.weights, tokens, mask, row_ids, np.uint32(seed),
-                                   sampling=compiled_sampling, cache_length=length, pad_id=self.pad_id))
+                                   sampling=compiled_sampling, cache_length=length, pad_id=self.pad_id,
+                                   prompt_rows=prompt_rows))
         for i, (p, s) in enumerate(chunk):
           results[p].append(self._completion(out, i, p, s, sampling.eos_ids))
     return results
