@@ -187,12 +187,24 @@ def test_seeds_reproduce_and_n_samples_per_prompt():
 
 
 @pytest.mark.parametrize("batch_size", [4, 6])
-def test_samples_of_a_prompt_share_its_prefill_and_match_rows_prefilled_alone(batch_size):
+def test_samples_of_a_prompt_share_its_prefill_and_match_rows_prefilled_alone(batch_size, monkeypatch):
   """3 samples per prompt in batches of 6 (aligned with the groups) and of 4 (a batch starts mid-group): each
   prompt is prefilled once per batch, and every row equals that row generated from its own prefill."""
   n = 3
+  prefilled = []
+
+  def recording(graphdef, weights, tokens, mask, row_ids, seed, **kwargs):
+    prefilled.append([tuple(t[m]) for t, m in zip(tokens, mask)])
+    return sample_arrays(graphdef, weights, tokens, mask, row_ids, seed, **kwargs)
+
+  sample_arrays = sampler.sample_arrays
+  monkeypatch.setattr(sampler, "sample_arrays", recording)
   got = make_sampler(LLAMA, batch_size=batch_size).generate(PROMPTS, dataclasses.replace(SAMPLED, num_samples=n),
                                                              seed=11)
+  monkeypatch.undo()
+  # Batches of 6 hold prompts {0, 1} and {2}; of 4: {0, 1}, {1, 2}, {2}. Two prefill rows each, the last repeated.
+  expected = [[0, 1], [2, 2]] if batch_size == 6 else [[0, 1], [1, 2], [2, 2]]
+  assert prefilled == [[tuple(PROMPTS[p]) for p in batch] for batch in expected]
   graphdef, weights = split(LLAMA)
   rows = [(p, s) for p in range(len(PROMPTS)) for s in range(n)]
   tokens = np.zeros((len(rows), 8), np.int32)
