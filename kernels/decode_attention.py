@@ -6,7 +6,9 @@ Where it runs
        16 rows), no scalar prefetch (lengths and the window are read as 0-d blocks), loops with dynamic bounds
        (scf.for). Compiled and run on an H100 (jax 0.11.2, 2026-11-26): it matches XLA attention's last row in
        bf16 (relative error <= 7.6e-3) at head_dim 64/128/256, GQA 2:1, a 512-key window and a soft-cap
-       (end_to_end/gpu/check_kernels.py). Its speed is measured through the sampler (benchmarks/sampler.py).
+       (end_to_end/gpu/check_kernels.py). With the [B, K, T, D] cache, tests/test_decode_attention.py passes
+       compiled on an H200 (2026-11-27; float32 within 1e-5: its dots ask for full precision, not tf32). Its
+       speed is measured through the sampler (benchmarks/sampler.py).
        jax 0.11 warns that the Pallas Triton backend is deprecated (in favour of Mosaic GPU).
   CPU  the same kernel in Pallas interpret mode (`interpret=True`; slow, meant for tests).
   TPU  not implemented: raises NotImplementedError (no Mosaic version yet).
@@ -18,8 +20,8 @@ Algorithm
   of a row that can hold visible keys, [window start, length), are divided evenly among the `num_splits`
   programs of that (row, kv head); each walks its share in `block_kv` steps with an online softmax in float32
   and writes a normalised partial output and its log-sum-exp. Blocks past the row's length or before its
-  window are never loaded. A small jnp step combines the splits. Caches are read in place ([B, T, K, D],
-  strided), never transposed or padded, except caches shorter than one block (T < block_kv), which are padded.
+  window are never loaded. A small jnp step combines the splits. Caches are read in place ([B, K, T, D]: each
+  program's keys are one contiguous [T, D] matrix), never transposed or padded, except caches shorter than one block (T < block_kv), which are padded.
   A tail block that would run past the cache end is loaded shifted back so that it ends at the cache end, with
   already-seen keys masked, so no load is ever out of bounds (identical behaviour compiled and interpreted).
 
@@ -83,7 +85,7 @@ def _default_block_kv(head_dim: int, itemsize: int) -> int:
 
 def _kernel(lengths_ref, window_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float,
             logit_softcap: float | None, block_kv: int, num_splits: int, max_len: int):
-  """One (row, kv head, split) program. q_ref [G, D]; k_ref/v_ref [T, D] (strided); o_ref [G, D]; lse_ref [G]."""
+  """One (row, kv head, split) program. q_ref [G, D]; k_ref/v_ref [T, D]; o_ref [G, D]; lse_ref [G]."""
   split = pl.program_id(2)
   length = lengths_ref[()]
   window = window_ref[()]
@@ -98,6 +100,9 @@ def _kernel(lengths_ref, window_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sca
   groups, head_dim = q.shape
   neg = jnp.finfo(jnp.float32).min
   key_iota = jnp.arange(block_kv, dtype=jnp.int32)[None, :]
+  # Triton rounds float32 dot operands to tf32 by default (relative error ~3e-4); float32 inputs ask for full
+  # precision, as the flash kernel does.
+  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
   align = math.gcd(block_kv, max_len)  # offsets are multiples of this
 
   def body(block, carry):
@@ -109,7 +114,8 @@ def _kernel(lengths_ref, window_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sca
       offset = pl.multiple_of(offset, align)
     k = k_ref[pl.ds(offset, block_kv), :]
     v = v_ref[pl.ds(offset, block_kv), :]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                        preferred_element_type=jnp.float32) * scale
     if logit_softcap:
       s = logit_softcap * jnp.tanh(s / logit_softcap)
     keys = offset + key_iota
@@ -119,7 +125,8 @@ def _kernel(lengths_ref, window_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sca
     correction = jnp.exp(m_prev - m_next)
     p = jnp.where(visible, jnp.exp(s - m_next[:, None]), 0.0)
     l_next = correction * l_prev + jnp.sum(p, axis=1)
-    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
     return correction[:, None] * acc + pv, m_next, l_next
 
   init = (jnp.zeros((groups, head_dim), jnp.float32), jnp.full((groups,), neg, jnp.float32),
@@ -150,7 +157,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
 
   Args:
     q: [batch, q_heads, head_dim], bf16 or float32.
-    k_cache, v_cache: [batch, max_len, kv_heads, head_dim]; kv_heads divides q_heads. Query head h uses KV head
+    k_cache, v_cache: [batch, kv_heads, max_len, head_dim]; kv_heads divides q_heads. Query head h uses KV head
       h // (q_heads // kv_heads) (the grouping of tunix_core.models.attention).
     lengths: int32 [batch], valid cache entries per row. The new token's own k/v is already at lengths - 1, so
       the query (at position lengths - 1) sees keys 0 .. lengths - 1. Clipped to [0, max_len]. Rows with
@@ -173,10 +180,10 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
   head_dim a power of two >= 16; block_kv a power of two >= 16.
   """
   if q.ndim != 3 or k_cache.ndim != 4 or v_cache.shape != k_cache.shape:
-    raise ValueError(f"expected q [B, H, D] and k_cache = v_cache [B, T, K, D]; got q {q.shape}, "
+    raise ValueError(f"expected q [B, H, D] and k_cache = v_cache [B, K, T, D]; got q {q.shape}, "
                      f"k_cache {k_cache.shape}, v_cache {v_cache.shape}")
   batch, q_heads, head_dim = q.shape
-  _, max_len, kv_heads, _ = k_cache.shape
+  _, kv_heads, max_len, _ = k_cache.shape
   if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
     raise ValueError(f"q {q.shape} and k_cache {k_cache.shape} disagree on batch or head_dim")
   if q_heads % kv_heads:
@@ -199,7 +206,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     block_kv = _default_block_kv(head_dim, jnp.dtype(k_cache.dtype).itemsize)
   block_kv = max(_MIN_BLOCK, min(block_kv, _floor_pow2(max_len)))
   if max_len < block_kv:  # only caches shorter than 16 entries
-    pad = ((0, 0), (0, block_kv - max_len), (0, 0), (0, 0))
+    pad = ((0, 0), (0, 0), (0, block_kv - max_len), (0, 0))
     k_cache, v_cache = jnp.pad(k_cache, pad), jnp.pad(v_cache, pad)
     max_len = block_kv
   num_blocks = _cdiv(max_len, block_kv)
@@ -226,7 +233,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
 def _decode(q, k_cache, v_cache, lengths, window, *, scale, logit_softcap, block_kv, num_splits, interpret):
   """The kernel and the combine, under one jit (so eager calls reuse the compiled program)."""
   batch, q_heads, head_dim = q.shape
-  _, max_len, kv_heads, _ = k_cache.shape
+  _, kv_heads, max_len, _ = k_cache.shape
   groups = q_heads // kv_heads
   groups_padded = max(_MIN_BLOCK, _next_pow2(groups))
   q_grouped = q.reshape(batch, kv_heads, groups, head_dim)
@@ -235,7 +242,7 @@ def _decode(q, k_cache, v_cache, lengths, window, *, scale, logit_softcap, block
 
   kernel = functools.partial(_kernel, scale=scale, logit_softcap=logit_softcap, block_kv=block_kv,
                              num_splits=num_splits, max_len=max_len)
-  cache_spec = pl.BlockSpec((None, max_len, None, head_dim), lambda b, h, s: (b, 0, h, 0))
+  cache_spec = pl.BlockSpec((None, None, max_len, head_dim), lambda b, h, s: (b, h, 0, 0))
   o_parts, lse = pl.pallas_call(
       kernel,
       grid=(batch, kv_heads, num_splits),

@@ -27,8 +27,8 @@ def _inputs(seed, *, kv_heads, groups, head_dim, dtype, max_len=MAX_LEN, lengths
   rng = np.random.default_rng(seed)
   batch = len(lengths)
   q = rng.standard_normal((batch, kv_heads * groups, head_dim)) * q_scale
-  k = rng.standard_normal((batch, max_len, kv_heads, head_dim))
-  v = rng.standard_normal((batch, max_len, kv_heads, head_dim))
+  k = rng.standard_normal((batch, kv_heads, max_len, head_dim))
+  v = rng.standard_normal((batch, kv_heads, max_len, head_dim))
   q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
   return q, k, v, jnp.asarray(lengths, jnp.int32)
 
@@ -38,11 +38,11 @@ def _reference(q, k, v, lengths, *, window=None, softcap=None, scale=None):
   q, k, v = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v))
   lengths = np.asarray(lengths)
   batch, q_heads, head_dim = q.shape
-  max_len, kv_heads = k.shape[1], k.shape[2]
+  kv_heads, max_len = k.shape[1], k.shape[2]
   groups = q_heads // kv_heads
   scale = head_dim ** -0.5 if scale is None else scale
   qg = q.reshape(batch, kv_heads, groups, head_dim)
-  scores = np.einsum("bkgd,btkd->bkgt", qg, k) * scale
+  scores = np.einsum("bkgd,bktd->bkgt", qg, k) * scale
   if softcap:
     scores = softcap * np.tanh(scores / softcap)
   keys = np.arange(max_len)[None, :]
@@ -55,7 +55,7 @@ def _reference(q, k, v, lengths, *, window=None, softcap=None, scale=None):
   probs = np.where(visible, np.exp(scores - np.where(np.isfinite(peak), peak, 0.0)), 0.0)
   total = probs.sum(-1, keepdims=True)
   probs = probs / np.where(total > 0, total, 1.0)
-  return np.einsum("bkgt,btkd->bkgd", probs, v).reshape(batch, q_heads, head_dim)
+  return np.einsum("bkgt,bktd->bkgd", probs, v).reshape(batch, q_heads, head_dim)
 
 
 def _rel_error(ours, ref):
@@ -121,11 +121,12 @@ def test_equals_dot_product_attention_last_row(window, softcap):
   k = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, head_dim)), jnp.float32)
   v = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, head_dim)), jnp.float32)
   scale = head_dim ** -0.5
-  full = dot_product_attention(q, k, v, jnp.ones((batch, seq), jnp.int32), scale, window or 0, softcap or 0.0)
-  # The cache has room past the prefix; garbage there must not leak in.
-  pad = ((0, 0), (0, 11), (0, 0), (0, 0))
-  k_cache = jnp.pad(k, pad, constant_values=1e4)
-  v_cache = jnp.pad(v, pad, constant_values=1e4)
+  with jax.default_matmul_precision("highest"):  # on a GPU, XLA's float32 matmuls would otherwise round to tf32
+    full = dot_product_attention(q, k, v, jnp.ones((batch, seq), jnp.int32), scale, window or 0, softcap or 0.0)
+  # The cache ([B, K, T, D]) has room past the prefix; garbage there must not leak in.
+  pad = ((0, 0), (0, 0), (0, 11), (0, 0))
+  k_cache = jnp.pad(k.swapaxes(1, 2), pad, constant_values=1e4)
+  v_cache = jnp.pad(v.swapaxes(1, 2), pad, constant_values=1e4)
   out = decode_attention(q[:, -1], k_cache, v_cache, jnp.full((batch,), seq, jnp.int32), sliding_window=window,
                          logit_softcap=softcap, scale=scale, block_kv=BLOCK_KV, num_splits=2, interpret=INTERPRET)
   expected = np.asarray(full[:, -1], np.float64)

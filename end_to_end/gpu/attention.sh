@@ -8,13 +8,6 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 source end_to_end/gpu/env.sh
 log=${OUT:-/tmp}/attention.log
-step() {  # step SECONDS COMMAND...: runs one step under a time limit and says how it ended
-  local limit=$1; shift
-  echo "=== $* (limit ${limit}s)"
-  local start=$SECONDS
-  timeout "$limit" "$@"
-  echo "=== rc=$? after $((SECONDS - start))s"
-}
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())'

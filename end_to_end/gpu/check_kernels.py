@@ -66,7 +66,7 @@ def check_case(impl: str, case) -> bool | None:
   if impl == "flash" and not packed:
     lengths = jnp.full((batch,), seq, jnp.int32)
     decoded = jax.jit(lambda q, k, v: decode_attention(q, k, v, lengths, sliding_window=window, logit_softcap=cap,
-                                                       scale=scale))(q[:, -1], k, v)
+                                                       scale=scale))(q[:, -1], k.swapaxes(1, 2), v.swapaxes(1, 2))
     errors.append(relative_error(decoded, jax.jit(reference)(q, k, v)[:, -1]))
     line += f" decode {errors[-1]:.1e}"
   ok = max(errors) < 2e-2

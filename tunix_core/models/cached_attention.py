@@ -16,20 +16,20 @@ from tunix_core.sharding import logical_to_spec
 
 def xla_attend_one(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, scale: float,
                    window: jax.Array | int = 0, logit_softcap: float = 0.0) -> jax.Array:
-  """q [B, H, D] against k/v [B, T, K, D] where row b holds `lengths[b]` valid entries and the query sits at
+  """q [B, H, D] against k/v [B, K, T, D] where row b holds `lengths[b]` valid entries and the query sits at
   position lengths - 1 -> [B, H, D]. Scores in float32, soft-capped before masking, as the training path."""
   batch, heads, dim = q.shape
-  kv_heads = k_cache.shape[2]
+  kv_heads = k_cache.shape[1]
   q = q.reshape(batch, kv_heads, heads // kv_heads, dim)
-  scores = jnp.einsum("bkgd,btkd->bkgt", q, k_cache).astype(jnp.float32) * scale
+  scores = jnp.einsum("bkgd,bktd->bkgt", q, k_cache).astype(jnp.float32) * scale
   if logit_softcap:
     scores = logit_softcap * jnp.tanh(scores / logit_softcap)
-  keys = jnp.arange(k_cache.shape[1])[None, :]
+  keys = jnp.arange(k_cache.shape[2])[None, :]
   last = lengths[:, None]
   visible = (keys < last) & ((window <= 0) | (keys >= last - window))
   scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-  return jnp.einsum("bkgt,btkd->bkgd", probs, v_cache).reshape(batch, heads, dim)
+  return jnp.einsum("bkgt,bktd->bkgd", probs, v_cache).reshape(batch, heads, dim)
 
 
 def kernel_applies(head_dim: int) -> bool:
@@ -53,14 +53,14 @@ def pallas_attend_one(q, k_cache, v_cache, lengths, scale, window, logit_softcap
   batch, heads, kv_heads = (logical_to_spec((name,))[0] for name in
                             ("activation_batch", "activation_heads", "activation_kv_heads"))
   q_spec = PartitionSpec(batch, heads, None)
-  cache_spec = PartitionSpec(batch, None, kv_heads, None)
+  cache_spec = PartitionSpec(batch, kv_heads, None, None)
   return jax.shard_map(run, in_specs=(q_spec, cache_spec, cache_spec, PartitionSpec(batch), PartitionSpec()),
                        out_specs=q_spec, check_vma=False)(q, k_cache, v_cache, lengths, window)
 
 
 def attend_one(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *, scale: float,
                window: jax.Array | int = 0, logit_softcap: float = 0.0, implementation: str = "auto") -> jax.Array:
-  """One query per row: q [B, H, D], k/v caches [B, T, K, D], lengths [B] valid entries (the query's own k/v
+  """One query per row: q [B, H, D], k/v caches [B, K, T, D], lengths [B] valid entries (the query's own k/v
   included, at lengths - 1) -> [B, H, D]. window > 0 keeps the last `window` keys (may be traced)."""
   # Any kernel choice (flash, or cudnn, which has no decode path of its own) means this one.
   resolved = attention_lib.resolve(implementation)

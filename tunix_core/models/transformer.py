@@ -172,8 +172,10 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer, preallocated for generation: tuples of L arrays [B, T, K, D], separate
-  buffers that each decode step updates in place."""
+  """Keys and values of every layer, preallocated for generation: tuples of L arrays [B, K, T, D], separate
+  buffers that each decode step updates in place. Heads come before entries so that a decode step reads each
+  (row, kv head) as one contiguous [T, D] matrix; with [B, T, K, D], XLA on CPU transposed every layer's cache
+  at every step (benchmarks/RESULTS.md, "Sampler")."""
   key: tuple[jax.Array, ...]
   value: tuple[jax.Array, ...]
 
@@ -185,7 +187,7 @@ class LayerCache(NamedTuple):
   lengths: jax.Array          # int32 [B]: cached entries per row = the position of a decoded token
 
 
-CACHE_AXES = ("activation_batch", None, "activation_kv_heads", None)
+CACHE_AXES = ("activation_batch", "activation_kv_heads", None, None)
 
 
 class Attention(nnx.Module):
@@ -249,7 +251,7 @@ class Attention(nnx.Module):
   def _store_prefill(k: jax.Array, v: jax.Array, cache: LayerCache) -> LayerCache:
     """A prefill fills an empty cache from entry 0 (its chunk attended to itself above, as in training)."""
     def store(array, new):
-      return jax.lax.dynamic_update_slice(array, new.astype(array.dtype), (0, 0, 0, 0))
+      return jax.lax.dynamic_update_slice(array, new.swapaxes(1, 2).astype(array.dtype), (0, 0, 0, 0))
     return cache._replace(key=store(cache.key, k), value=store(cache.value, v))
 
   def _decode(self, q, k, v, cache: LayerCache, scale: float, window) -> tuple[jax.Array, LayerCache]:
@@ -257,8 +259,8 @@ class Attention(nnx.Module):
     0 .. lengths (the last `window` of them on sliding layers)."""
     cfg = self.cfg
     rows = jnp.arange(q.shape[0])
-    key = cache.key.at[rows, cache.lengths].set(k[:, 0].astype(cache.key.dtype), mode="drop")
-    value = cache.value.at[rows, cache.lengths].set(v[:, 0].astype(cache.value.dtype), mode="drop")
+    key = cache.key.at[rows, :, cache.lengths].set(k[:, 0].astype(cache.key.dtype), mode="drop")
+    value = cache.value.at[rows, :, cache.lengths].set(v[:, 0].astype(cache.value.dtype), mode="drop")
     cache = cache._replace(key=key, value=value)
     attended = cached_attention.attend_one(
         q[:, 0], key, value, cache.lengths + 1, scale=scale, window=window,
@@ -362,7 +364,7 @@ class Transformer(nnx.Module):
     """An empty KV cache for `batch` rows of up to `length` tokens, in the compute dtype, sharded by the logical
     rules (batch over data/fsdp, kv heads over tensor). Call it inside jit."""
     cfg = self.cfg
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
 
     def zeros():
       return tuple(shard_activation(jnp.zeros(shape, cfg.dtype), CACHE_AXES) for _ in range(cfg.num_layers))
