@@ -21,7 +21,8 @@ Algorithm
   programs of that (row, kv head); each walks its share in `block_kv` steps with an online softmax in float32
   and writes a normalised partial output and its log-sum-exp. Blocks past the row's length or before its
   window are never loaded. A small jnp step combines the splits. Caches are read in place ([B, K, T, D]: each
-  program's keys are one contiguous [T, D] matrix), never transposed or padded, except caches shorter than one block (T < block_kv), which are padded.
+  program's keys are one contiguous [T, D] matrix), never transposed or padded, except caches shorter than one
+  block (T < block_kv), which are padded.
   A tail block that would run past the cache end is loaded shifted back so that it ends at the cache end, with
   already-seen keys masked, so no load is ever out of bounds (identical behaviour compiled and interpreted).
 

@@ -121,7 +121,8 @@ class Sampler:
   """Token-id prompts in, Completions out. Call it under the mesh and logical rules the weights live in.
 
   Rows (prompts x num_samples; for beam search prompts) go in batches of `batch_size` (rounded up to a multiple
-  of the mesh's batch shards), the last one filled up with copies; each batch's prompts are padded to the first of `prefill_buckets` that fits them.
+  of the mesh's batch shards), the last one filled up with copies; each batch's prompts are padded to the first
+  of `prefill_buckets` that fits them.
   """
 
   def __init__(self, graphdef: nnx.GraphDef, weights, tokenizer=None, *, batch_size: int = 16,
