@@ -331,6 +331,22 @@ def test_categorical_draws_follow_the_softmax():
   assert np.asarray(categorical(jax.random.split(jax.random.key(8), 3), jnp.asarray(only_last))).tolist() == [10] * 3
 
 
+def test_decoding_the_unfinished_half_gives_the_same_rows():
+  """halvings=2: 16 rows go on as 8, then 4, once enough have stopped; every row is what the full batch gives."""
+  graphdef, weights = split(LLAMA)
+  rng = np.random.default_rng(3)
+  tokens = rng.integers(1, 64, (16, 8)).astype(np.int32)
+  sampling = dataclasses.replace(SAMPLED, max_new_tokens=12, eos_ids=tuple(range(0, 64, 6)))
+  run = functools.partial(sampler.sample_arrays, graphdef, weights, tokens, tokens > 0, np.arange(16, dtype=np.int32),
+                          np.uint32(2), sampling=sampling, cache_length=24, pad_id=0)
+  full, halved = run(halvings=0), run(halvings=2)
+  lengths = np.sort(np.asarray(full["lengths"]))
+  assert lengths[11] < lengths[-1] == 12  # 12 rows stop early and some run on: both halvings happen
+  for key in ("tokens", "lengths", "finish"):
+    np.testing.assert_array_equal(halved[key], full[key])
+  np.testing.assert_allclose(halved["logprobs"], full["logprobs"], atol=1e-5)
+
+
 def test_sharded_generation_matches_one_device():
   """data x fsdp x tensor = 2 x 2 x 2: the cache is split over rows and kv heads; the tokens do not change."""
   expected = make_sampler(LLAMA).generate(PROMPTS, SamplingParams(max_new_tokens=NEW))

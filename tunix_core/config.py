@@ -419,7 +419,22 @@ def _resolve_rl(cfg: dict[str, Any]) -> dict[str, Any]:
     raise UserError(f"rollout_batch_size={prompts} prompts x num_generations={group} = {prompts * group} completions "
                     f"is not a whole number of update batches of {step_rows} (per_device_batch_size x devices x "
                     "gradient_accumulation_steps)")
+  if cfg["pack_groups"]:
+    _check_pack_groups(cfg)
   return {**resolved, "rollout_batch_size": prompts, "updates_per_rollout": prompts * group // step_rows}
+
+
+def _check_pack_groups(cfg: dict[str, Any]) -> None:
+  """pack_groups packs a group into its completions' rows: each device's rows must hold whole groups."""
+  group = cfg["num_generations"]
+  if cfg["mode"] != "grpo":
+    raise UserError(f"pack_groups packs GRPO's groups; mode={cfg['mode']} has none: set pack_groups=false")
+  if cfg["max_new_tokens"] < 2:
+    raise UserError("pack_groups needs max_new_tokens >= 2 (a completion slot holds all its tokens but the last)")
+  device_rows = cfg["micro_batch_size"] / cfg["num_devices"]
+  if device_rows % group:
+    raise UserError(f"pack_groups needs each device's {device_rows:g} rows of a micro-batch to be whole groups of "
+                    f"num_generations={group}; change per_device_batch_size")
 
 
 def derive(cfg: dict[str, Any], num_devices: int, num_processes: int, process_index: int,

@@ -47,7 +47,8 @@ def resample(config, graphdef, params, tokenizer, local: dict[str, np.ndarray], 
       max_new_tokens=min(config.max_new_tokens, config.max_target_length), temperature=config.temperature,
       top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, eos_ids=sampler.eos_ids_of(tokenizer))
   generator = sampler.Sampler(graphdef, params, tokenizer, batch_size=len(prompts),
-                              prefill_buckets=config.prefill_length_buckets)
+                              prefill_buckets=config.prefill_length_buckets,
+                              decode_halvings=config.decode_halvings)
   completions = generator.generate([prompts[i] for i in real], sampling, seed=config.seed * 1_000_003 + step)
   out = {key: local[key].copy() for key in row([0], [0], config.max_target_length)}
   for i, group in zip(real, completions):

@@ -33,7 +33,7 @@ from tunix_core.generate import sampler
 from tunix_core.generate.sampling import SamplingParams
 from tunix_core.models import attention as attention_lib, hf_weights, value_head
 from tunix_core.modes import MODES, distill
-from tunix_core.rl import data as rl_data, trainer as rl_trainer
+from tunix_core.rl import data as rl_data, group_rows, trainer as rl_trainer
 
 # {"params": trainable pure dict, "opt_state": optax state, "step": int32 scalar,
 #  "frozen": weights the step reads but never updates, e.g. {"reference": ...} for DPO, {"teacher": ...} for distill}
@@ -165,6 +165,13 @@ def to_device_batch(local: dict[str, np.ndarray], config, sharding_: NamedShardi
   if accumulate:
     local = {k: v.reshape(config.gradient_accumulation_steps, -1, *v.shape[1:]) for k, v in local.items()}
   return distributed.global_batch(local, sharding_, config.micro_batch_size)
+
+
+def row_length(config) -> int:
+  """Tokens in one training row: max_target_length, or a packed group's share of it (pack_groups)."""
+  if config.pack_groups:
+    return group_rows.row_width(config.num_generations, config.max_target_length, config.max_new_tokens)
+  return config.max_target_length
 
 
 def model_flops_per_token(config, num_params: int) -> float:
@@ -416,13 +423,13 @@ def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_bat
   n_params = models.num_params(setup.abstract_params)
   flops_per_token = model_flops_per_token(config, n_params)
   peak = metrics_lib.device_peak_flops(jax.devices()[0])
-  tokens_per_step = config.global_batch_size * config.max_target_length
+  tokens_per_step = config.global_batch_size * row_length(config)
   if is_primary:
     os.makedirs(config.run_dir, exist_ok=True)
     with open(os.path.join(config.run_dir, "config.yml"), "w") as f:
       f.write(config_lib.to_yaml(config))
     print(f"{config.mode}: {n_params:,} parameters, {config.num_devices} device(s), mesh {dict(setup.mesh.shape)}, "
-          f"global batch {config.global_batch_size} x {config.max_target_length} tokens", flush=True)
+          f"global batch {config.global_batch_size} x {row_length(config)} tokens", flush=True)
 
   summary: dict[str, Any] = {"run_dir": config.run_dir, "start_step": start_step}
   writer = metrics_lib.MetricsWriter(config.run_dir, enable_tensorboard=config.enable_tensorboard,

@@ -74,7 +74,8 @@ def generate(argv: Sequence[str]) -> None:
                                                         else " (random: set load_parameters_path or hf_path)"))
     weights = setup.starting_params(config)
     generator = sampler.Sampler(setup.graphdef, weights, tokenizer, batch_size=config.generate_batch_size,
-                                prefill_buckets=config.prefill_length_buckets)
+                                prefill_buckets=config.prefill_length_buckets,
+                                decode_halvings=config.decode_halvings)
     log(f"generating for {len(prompts)} prompt(s), {config.num_samples} completion(s) each")
     results = generator.generate(prompt_ids, sampling, seed=config.seed)
   if config.process_index != 0:

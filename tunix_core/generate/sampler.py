@@ -40,20 +40,27 @@ class Completion:
   sample_index: int
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "cache_length", "pad_id"))
+_RESULTS = ("tokens", "logprobs", "raw_logprobs", "lengths", "done", "stopped")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "cache_length", "pad_id", "halvings"))
 def sample_arrays(graphdef: nnx.GraphDef, weights, tokens: jax.Array, mask: jax.Array, row_ids: jax.Array,
                   seed: jax.Array, *, sampling: SamplingParams, cache_length: int, pad_id: int,
-                  prompt_rows: jax.Array | None = None) -> dict[str, jax.Array]:
+                  prompt_rows: jax.Array | None = None, halvings: int = 0) -> dict[str, jax.Array]:
   """Generates B rows for padded prompts tokens/mask [U, P] (any padding side): row b continues prompt
   prompt_rows[b] (None: U = B, row b prompt b). row_ids [B] name each row's random stream together with seed.
   Returns tokens [B, N] (pad_id after the end), logprobs and raw_logprobs [B, N] (0 after the end), lengths [B]
-  and finish [B] (an index into FINISH_REASONS)."""
+  and finish [B] (an index into FINISH_REASONS).
+
+  halvings: up to this many times, once no more than half the rows are still going, the decode loop carries on
+  with those rows only (their caches gathered into a batch half the size). Each row's tokens are keyed by its
+  row id, so the results are the same; each halving compiles the decode step once more."""
   model = engine.model_for_generation(graphdef, weights)
   tokens, lengths = engine.compact(tokens, mask)
   batch, steps = row_ids.shape[0], sampling.max_new_tokens
 
   def record(state, logits, step):
-    new, scaled, raw = choose(logits, row_keys(seed, row_ids, step), sampling)
+    new, scaled, raw = choose(logits, row_keys(seed, state["row_ids"], step), sampling)
     active = jnp.logical_not(state["done"])
     out = state["tokens"].at[:, step].set(jnp.where(active, new, pad_id))
     stopped = active & hits_stop(out, step, sampling)
@@ -61,8 +68,9 @@ def sample_arrays(graphdef: nnx.GraphDef, weights, tokens: jax.Array, mask: jax.
             "logprobs": state["logprobs"].at[:, step].set(jnp.where(active, scaled, 0.0)),
             "raw_logprobs": state["raw_logprobs"].at[:, step].set(jnp.where(active, raw, 0.0)),
             "lengths": state["lengths"] + active.astype(jnp.int32),
-            "done": state["done"] | stopped, "stopped": state["stopped"] | stopped,
-            "cache": state["cache"], "step": jnp.asarray(step + 1, jnp.int32)}
+            "done": state["done"] | stopped, "stopped": state["stopped"] | stopped, "cache": state["cache"],
+            "prompt_lengths": state["prompt_lengths"], "row_ids": state["row_ids"],
+            "step": jnp.asarray(step + 1, jnp.int32)}
 
   logits, cache = engine.prefill(model, tokens, lengths, cache_length)
   if prompt_rows is not None:  # a prompt's rows share its prefill: GRPO's groups cost one prefill, not n
@@ -70,18 +78,31 @@ def sample_arrays(graphdef: nnx.GraphDef, weights, tokens: jax.Array, mask: jax.
   zeros = jnp.zeros((batch, steps), jnp.float32)
   no = jnp.zeros((batch,), bool)
   state = record({"tokens": jnp.full((batch, steps), pad_id, jnp.int32), "logprobs": zeros, "raw_logprobs": zeros,
-                  "lengths": jnp.zeros((batch,), jnp.int32), "done": no, "stopped": no, "cache": cache}, logits, 0)
-
-  def not_finished(state):
-    return (state["step"] < steps) & jnp.logical_not(jnp.all(state["done"]))
+                  "lengths": jnp.zeros((batch,), jnp.int32), "done": no, "stopped": no, "cache": cache,
+                  "prompt_lengths": lengths, "row_ids": row_ids}, logits, 0)
 
   def step(state):
     position = state["step"] - 1  # the last recorded token goes in next
     fed = state["tokens"][:, position]
-    logits, cache = engine.decode(model, fed, lengths + position, state["cache"])
+    logits, cache = engine.decode(model, fed, state["prompt_lengths"] + position, state["cache"])
     return record({**state, "cache": cache}, logits, state["step"])
 
-  state = jax.lax.while_loop(not_finished, step, state)
+  def decode_rows(state, halvings: int):
+    rows = state["done"].shape[0]
+
+    def going(state):
+      going = (state["step"] < steps) & jnp.logical_not(jnp.all(state["done"]))
+      return going & (jnp.sum(jnp.logical_not(state["done"])) > rows // 2) if halvings else going
+
+    state = jax.lax.while_loop(going, step, state)
+    if not halvings:
+      return state
+    rest = jnp.argsort(state["done"], stable=True)[:rows // 2]  # every unfinished row, then finished ones
+    half = decode_rows({k: v if k == "step" else jax.tree.map(lambda a: a[rest], v) for k, v in state.items()},
+                       halvings - 1)
+    return {**state, **{k: state[k].at[rest].set(half[k]) for k in _RESULTS}}
+
+  state = decode_rows(state, halvings)
   return {"tokens": state["tokens"], "logprobs": state["logprobs"], "raw_logprobs": state["raw_logprobs"],
           "lengths": state["lengths"], "finish": state["stopped"].astype(jnp.int32)}
 
@@ -122,13 +143,15 @@ class Sampler:
 
   Rows (prompts x num_samples; for beam search prompts) go in batches of `batch_size` (rounded up to a multiple
   of the mesh's batch shards), the last one filled up with copies; each batch's prompts are padded to the first
-  of `prefill_buckets` that fits them.
+  of `prefill_buckets` that fits them. decode_halvings: sample_arrays' `halvings`, as far as the batch halves
+  into whole shards.
   """
 
   def __init__(self, graphdef: nnx.GraphDef, weights, tokenizer=None, *, batch_size: int = 16,
-               prefill_buckets: Sequence[int] = engine.DEFAULT_BUCKETS, pad_id: int | None = None):
+               prefill_buckets: Sequence[int] = engine.DEFAULT_BUCKETS, pad_id: int | None = None,
+               decode_halvings: int = 0):
     self.graphdef, self.weights, self.tokenizer = graphdef, weights, tokenizer
-    self.batch_size = batch_size
+    self.batch_size, self.decode_halvings = batch_size, decode_halvings
     self.prefill_buckets = tuple(prefill_buckets)
     self.pad_id = pad_id if pad_id is not None else int(getattr(tokenizer, "pad_id", 0) or 0)
 
@@ -148,6 +171,9 @@ class Sampler:
     batch_size = -(-self.batch_size // shards) * shards
     shared = not searching and sampling.num_samples > 1
     prefills = _distinct_prompts(batch_size, sampling.num_samples, shards) if shared else batch_size
+    halvings = 0
+    while halvings < self.decode_halvings and (batch_size >> halvings) % (2 * shards) == 0:
+      halvings += 1
     for start in range(0, len(rows), batch_size):
       chunk = rows[start:start + batch_size]
       padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
@@ -172,7 +198,7 @@ class Sampler:
         prompt_rows = np.asarray([sources.index(p) for p, _ in padded], np.int32) if shared else None
         out = _fetch(sample_arrays(self.graphdef, self.weights, tokens, mask, row_ids, np.uint32(seed),
                                    sampling=compiled_sampling, cache_length=length, pad_id=self.pad_id,
-                                   prompt_rows=prompt_rows))
+                                   prompt_rows=prompt_rows, halvings=halvings))
         for i, (p, s) in enumerate(chunk):
           results[p].append(self._completion(out, i, p, s, sampling.eos_ids))
     return results

@@ -11,6 +11,8 @@ The model passes each layer's window as a traced value (layers are scanned) plus
 window size; kernels that need a static window branch on it with lax.cond.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -49,6 +51,58 @@ def attention_mask(segment_ids: jax.Array, window: jax.Array | int = 0) -> jax.A
   visible = (offsets >= 0) & ((window <= 0) | (offsets < window))
   same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
   return visible[None] & same_segment
+
+
+class GroupLayout(NamedTuple):
+  """Rows that each hold one prompt and the completions sampled from it (GRPO's pack_groups): a prompt slot of
+  `prompt_slot` tokens, then `completions` slots of equal width. Each slot is filled from its start and padded
+  (segment id 0) after; a completion attends to the prompt slot and to itself, never to its siblings."""
+  prompt_slot: int
+  completions: int
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                      layout: GroupLayout, scale: float, window: jax.Array | int = 0, logit_softcap: float = 0.0
+                      ) -> jax.Array:
+  """Attention over rows in `layout`: q [B, S, H, D], k/v [B, S, K, D] -> [B, S, H, D], S = prompt slot + slots.
+
+  Causality and sliding windows are read from `positions` (a completion's continue its prompt's), and a key is seen
+  only where its segment id is not 0. The prompt slot attends to itself; each completion slot to the prompt slot and
+  itself, under one softmax. Scores are [prompt, prompt] plus [slot, prompt + slot] per completion instead of
+  [S, S]: 4.3 times fewer for the bundled GRPO task's 8 slots of 31 behind a prompt slot of 40. XLA einsums on
+  every platform, with `dot_product_attention`'s conventions (float32 softmax, lowest-float masking).
+  """
+  batch, length, heads, dim = q.shape
+  kv_heads, prompt, slots = k.shape[2], layout.prompt_slot, layout.completions
+  width = (length - prompt) // slots
+  q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
+
+  def split(x):
+    return x[:, :prompt], x[:, prompt:].reshape(batch, slots, width, *x.shape[2:])
+
+  (q_p, q_c), (k_p, k_c), (v_p, v_c) = split(q), split(k), split(v)
+  (pos_p, pos_c), (seg_p, seg_c) = split(positions), split(segment_ids)
+
+  def softmax(scores, query_positions, key_positions, key_segments):
+    """Masked float32 softmax of scores [..., K, G, queries, keys]; the other arrays are [..., queries|keys]."""
+    scores = scores.astype(jnp.float32) * scale
+    if logit_softcap:
+      scores = logit_softcap * jnp.tanh(scores / logit_softcap)
+    offsets = query_positions[..., :, None] - key_positions[..., None, :]
+    visible = (offsets >= 0) & ((window <= 0) | (offsets < window)) & (key_segments[..., None, :] != 0)
+    return jax.nn.softmax(jnp.where(visible[..., None, None, :, :], scores, jnp.finfo(jnp.float32).min), axis=-1)
+
+  prompt_probs = softmax(jnp.einsum("bskgd,btkd->bkgst", q_p, k_p), pos_p, pos_p, seg_p)
+  out_p = jnp.einsum("bkgst,btkd->bskgd", prompt_probs.astype(v.dtype), v_p)
+  shared = lambda x: jnp.broadcast_to(x[:, None], (batch, slots, prompt))
+  probs = softmax(jnp.concatenate([jnp.einsum("bnskgd,btkd->bnkgst", q_c, k_p),
+                                   jnp.einsum("bnskgd,bntkd->bnkgst", q_c, k_c)], axis=-1),
+                  pos_c, jnp.concatenate([shared(pos_p), pos_c], -1), jnp.concatenate([shared(seg_p), seg_c], -1))
+  probs = probs.astype(v.dtype)
+  out_c = (jnp.einsum("bnkgst,btkd->bnskgd", probs[..., :prompt], v_p)
+           + jnp.einsum("bnkgst,bntkd->bnskgd", probs[..., prompt:], v_c))
+  out = jnp.concatenate([out_p, out_c.reshape(batch, slots * width, *out_c.shape[3:])], axis=1)
+  return out.reshape(batch, length, heads, dim)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float,

@@ -210,9 +210,11 @@ class Attention(nnx.Module):
       self.key_norm = RMSNorm(d, cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, inv_freq: jax.Array,
-               window: jax.Array, cache: LayerCache | None = None, with_probs: bool = False):
+               window: jax.Array, cache: LayerCache | None = None, with_probs: bool = False,
+               group_layout: attention_lib.GroupLayout | None = None):
     """Attention output [B, S, E]; with a cache also the updated LayerCache (see Transformer.hidden_states); with
-    with_probs (no cache) also the attention probabilities [B, H, S, S]."""
+    with_probs (no cache) also the attention probabilities [B, H, S, S]; with group_layout, rows laid out as it
+    says (no cache)."""
     cfg = self.cfg
     dt = cfg.dtype
     q = jnp.einsum("bse,ehd->bshd", x, self.query[...].astype(dt))
@@ -233,6 +235,9 @@ class Attention(nnx.Module):
     scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
     if cache is not None and q.shape[1] == 1:
       attended, cache = self._decode(q, k, v, cache, scale, window)
+    elif group_layout is not None:
+      attended = attention_lib.grouped_attention(q, k, v, positions, segment_ids, group_layout, scale, window,
+                                                 cfg.attn_logit_softcap)
     else:
       attended = attention_lib.attend(q, k, v, segment_ids, scale=scale, window=window,
                                       static_window=cfg.sliding_window, logit_softcap=cfg.attn_logit_softcap,
@@ -301,10 +306,12 @@ class DecoderLayer(nnx.Module):
       self.post_mlp_norm = RMSNorm(cfg.emb_dim, cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, inv_freq: jax.Array,
-               window: jax.Array, cache: LayerCache | None = None, with_probs: bool = False):
+               window: jax.Array, cache: LayerCache | None = None, with_probs: bool = False,
+               group_layout: attention_lib.GroupLayout | None = None):
     """The block's output; with a cache also the attention's updated LayerCache; with with_probs also the
     attention probabilities [B, H, S, S]."""
-    out = self.attention(self.attention_norm(x), positions, segment_ids, inv_freq, window, cache, with_probs)
+    out = self.attention(self.attention_norm(x), positions, segment_ids, inv_freq, window, cache, with_probs,
+                         group_layout)
     attended, extra = out if cache is not None or with_probs else (out, None)  # extra: the cache or the probs
     x = x + (self.post_attention_norm(attended) if self.sandwich else attended)
     transformed = self.mlp(self.mlp_norm(x))
@@ -344,11 +351,11 @@ class Transformer(nnx.Module):
     if not cfg.tied_embeddings:
       self.head = _param(rngs, (cfg.emb_dim, cfg.vocab_size), ("embed", "vocab"), cfg)
 
-  def _run_layer(self, layer: DecoderLayer, x, *args, with_probs: bool = False):
+  def _run_layer(self, layer: DecoderLayer, x, *args, **static):
     if self.cfg.remat_policy == "none":
-      return layer(x, *args, with_probs=with_probs)
+      return layer(x, *args, **static)
     graphdef, state = nnx.split(layer)
-    run = jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a, with_probs=with_probs),
+    run = jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a, **static),
                          policy=remat_policy(self.cfg.remat_policy))
     return run(state, x, *args)
 
@@ -385,7 +392,7 @@ class Transformer(nnx.Module):
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                     cache: KVCache | None = None, cache_lengths: jax.Array | None = None,
-                    intermediates: tuple[str, ...] = ()):
+                    intermediates: tuple[str, ...] = (), group_layout: attention_lib.GroupLayout | None = None):
     """Final-norm hidden states [B, S, E] in the compute dtype (the head is applied separately, in chunks).
 
     With a cache (generation) it returns (hidden states, updated cache), in one of two ways chosen by S:
@@ -396,6 +403,9 @@ class Transformer(nnx.Module):
     "layer_outputs" each layer's output [L, B, S, E] (the residual stream before the final norm) and
     "attention_probs" each layer's attention probabilities [L, B, H, S, S] in float32 (needs attention=xla).
     They are scan outputs, so () leaves the computation exactly as it was.
+
+    group_layout (no cache): each row is one prompt and the completions sampled from it, laid out as it says
+    (attention.grouped_attention); the model otherwise runs as on any rows.
     """
     cfg = self.cfg
     x = shard_activation(self.embed(tokens), ("activation_batch", "activation_length", "activation_embed"))
@@ -408,7 +418,8 @@ class Transformer(nnx.Module):
     with_probs = "attention_probs" in intermediates
 
     def run(layer, x, layer_inv_freq, window):
-      out = self._run_layer(layer, x, positions, segment_ids, layer_inv_freq, window, with_probs=with_probs)
+      out = self._run_layer(layer, x, positions, segment_ids, layer_inv_freq, window, with_probs=with_probs,
+                            group_layout=group_layout)
       x, probs = out if with_probs else (out, None)
       collected = {"layer_outputs": x, "attention_probs": probs}
       return x, {name: collected[name] for name in intermediates}

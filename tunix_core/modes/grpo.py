@@ -31,7 +31,9 @@ def needs_reference(config) -> bool:
 
 def batch_keys(config) -> tuple[tuple[str, ...], tuple[str, ...]]:
   """(per-token, per-row) arrays `prepare` adds to the token arrays of a batch."""
-  return ("old_logps",) + (("ref_logps",) if config.beta > 0 else ()), ("advantages", "on_policy")
+  tokens = ("old_logps",) + (("ref_logps",) if config.beta > 0 else ()) + (("hidden_index",) if config.pack_groups
+                                                                         else ())
+  return tokens, ("advantages", "on_policy")
 
 
 def reward_functions(config) -> list[rewards_lib.RewardFunction]:

@@ -18,15 +18,24 @@ from tunix_core import distributed, losses, peft
 from tunix_core.generate import sampler as sampler_lib
 from tunix_core.generate.sampling import SamplingParams
 from tunix_core.rewards import runner as rewards_lib
+from tunix_core.rl import group_rows
 from tunix_core.rl.data import Prompt
 
 TOKEN_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
+def token_keys(config) -> tuple[str, ...]:
+  """The token arrays of a rollout's rows (pack_groups adds where each completion token's hidden state is)."""
+  return group_rows.TOKEN_KEYS if config.pack_groups else TOKEN_KEYS
+
+
 def scaled_log_probs(model, batch: dict[str, jax.Array], config, with_entropy: bool = False):
   """Per-token log-probs [rows, length] of batch["targets"] under the model's logits divided by the rollout
   temperature, the distribution the completions were sampled from (and, with_entropy, its entropy too)."""
-  hidden = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+  if config.pack_groups:
+    hidden = group_rows.hidden_states(model, batch, config.num_generations)
+  else:
+    hidden = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
   logits = lambda h: model.logits(h) / config.temperature
   if with_entropy:
     return losses.token_log_probs_and_entropy(logits, hidden, batch["targets"], config.loss_chunk_size)
@@ -103,7 +112,8 @@ class RolloutContext:
     self._times: dict[str, float] = {}
     replicated = NamedSharding(setup.mesh, PartitionSpec())
     shardings = setup.shardings
-    token_shardings = {k: setup.eval_batch_sharding for k in TOKEN_KEYS}
+    self._token_keys = token_keys(config)
+    token_shardings = {k: setup.eval_batch_sharding for k in self._token_keys}
     self._log_probs = jax.jit(functools.partial(_log_probs, setup, config),
                               in_shardings=(shardings["params"], shardings["frozen"], token_shardings),
                               out_shardings=replicated, static_argnums=(3, 4, 5))
@@ -126,7 +136,8 @@ class RolloutContext:
     """num_samples completions per prompt with the current policy, flat: prompt i's are rows i*n .. i*n+n-1."""
     graphdef, weights = policy_weights(self.setup, state)
     generator = sampler_lib.Sampler(graphdef, weights, self.tokenizer, batch_size=self.config.generate_batch_size,
-                                    prefill_buckets=self.config.prefill_length_buckets)
+                                    prefill_buckets=self.config.prefill_length_buckets,
+                                    decode_halvings=self.config.decode_halvings)
     sampling = dataclasses.replace(sampling_params(self.config, self.tokenizer, greedy=greedy),
                                    num_samples=num_samples)
     groups = self._timed("sample", generator.generate, [p.ids for p in prompts], sampling, seed % 2**32)
@@ -141,7 +152,12 @@ class RolloutContext:
                        timeout_s=self.config.reward_timeout_s, error_default=self.config.reward_error_default)
 
   def rows(self, prompts: list[Prompt], completions: list[sampler_lib.Completion]) -> dict[str, np.ndarray]:
-    return token_rows([p.ids for p in prompts], [c.token_ids for c in completions], self.config.max_target_length)
+    """Training rows of the completions; prompts[i] is completion i's (with pack_groups, groups contiguous)."""
+    config = self.config
+    if config.pack_groups:
+      return group_rows.pack([p.ids for p in prompts[::config.num_generations]], [c.token_ids for c in completions],
+                             config.num_generations, config.max_target_length, config.max_new_tokens)
+    return token_rows([p.ids for p in prompts], [c.token_ids for c in completions], config.max_target_length)
 
   def log_probs(self, state, rows: dict[str, np.ndarray], *, policy: bool, reference: bool, values: bool = False
                 ) -> dict[str, np.ndarray]:
@@ -154,7 +170,7 @@ class RolloutContext:
 
     def run():
       for start in range(0, total, micro):
-        local = {k: rows[k][start:start + micro] for k in TOKEN_KEYS}
+        local = {k: rows[k][start:start + micro] for k in self._token_keys}
         batch = distributed.global_batch(_process_part(local, self.config), self.setup.eval_batch_sharding, micro)
         parts.append(self._log_probs(state["params"], state["frozen"], batch, policy, reference, values))
       return {k: np.concatenate([np.asarray(jax.device_get(p[k])) for p in parts]) for k in parts[0]}
