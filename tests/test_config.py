@@ -77,6 +77,7 @@ def test_wrong_types(override, message):
 @pytest.mark.parametrize("override, message", [
     ("mode=rlhf", r"mode='rlhf': expected one of sft, dpo, orpo, simpo"),
     ("steps=0", r"steps=0: must be positive"),
+    ("decode_halvings=-1", r"decode_halvings=-1: must be >= 0"),
     ("warmup_steps_fraction=1.5", r"between 0 and 1"),
     ("base_num_kv_heads=3", r"base_num_kv_heads=3 must divide"),
     ("head_dim=7", r"even head_dim"),

@@ -168,7 +168,8 @@ def to_device_batch(local: dict[str, np.ndarray], config, sharding_: NamedShardi
 
 
 def row_length(config) -> int:
-  """Tokens in one training row: max_target_length, or a packed group's share of it (pack_groups)."""
+  """Tokens in one training row: max_target_length, or with pack_groups a group's packed length over its
+  completions (group_rows.row_width)."""
   if config.pack_groups:
     return group_rows.row_width(config.num_generations, config.max_target_length, config.max_new_tokens)
   return config.max_target_length

@@ -31,8 +31,9 @@ def needs_reference(config) -> bool:
 
 def batch_keys(config) -> tuple[tuple[str, ...], tuple[str, ...]]:
   """(per-token, per-row) arrays `prepare` adds to the token arrays of a batch."""
-  tokens = ("old_logps",) + (("ref_logps",) if config.beta > 0 else ()) + (("hidden_index",) if config.pack_groups
-                                                                         else ())
+  tokens = ("old_logps",) + (("ref_logps",) if config.beta > 0 else ())
+  if config.pack_groups:
+    tokens += ("hidden_index",)
   return tokens, ("advantages", "on_policy")
 
 

@@ -30,8 +30,9 @@ def token_keys(config) -> tuple[str, ...]:
 
 
 def scaled_log_probs(model, batch: dict[str, jax.Array], config, with_entropy: bool = False):
-  """Per-token log-probs [rows, length] of batch["targets"] under the model's logits divided by the rollout
-  temperature, the distribution the completions were sampled from (and, with_entropy, its entropy too)."""
+  """Per-token log-probs of batch["targets"] (its shape: [rows, length], or [completions, max_new_tokens] with
+  pack_groups) under the model's logits divided by the rollout temperature, the distribution the completions were
+  sampled from (and, with_entropy, its entropy too)."""
   if config.pack_groups:
     hidden = group_rows.hidden_states(model, batch, config.num_generations)
   else:
