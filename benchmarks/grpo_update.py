@@ -3,8 +3,10 @@
   python3 benchmarks/grpo_update.py [--measure_steps N] [configs/grpo_default.yml] [key=value ...]
 
 The rollout is synthetic, in the config's shapes: rollout_batch_size groups of num_generations, prompt lengths drawn
-from 18-33 tokens and completion lengths from 10 to max_new_tokens (the bundled arithmetic task's ranges). The
-weights are the seeded init: the update's cost does not depend on them.
+from half to all of the longest prompt the data lets through (max_target_length + 1 - max_new_tokens) and
+completion lengths from a third to all of max_new_tokens (for configs/grpo_default.yml, 16-33 and 10-32: the bundled
+arithmetic task's ranges). The weights are the seeded init or load_parameters_path/hf_path: the update's cost does
+not depend on them.
 """
 
 import argparse
@@ -23,8 +25,10 @@ from tunix_core.rl import group_rows, rollout
 def synthetic_rollout(config, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
   """(one prompt per group, num_generations completions per group) of random token ids."""
   rng = np.random.default_rng(seed)
-  prompts = [list(rng.integers(3, 500, rng.integers(18, 34))) for _ in range(config.rollout_batch_size)]
-  completions = [list(rng.integers(3, 500, rng.integers(10, config.max_new_tokens + 1)))
+  longest_prompt, longest_completion = config.max_target_length + 1 - config.max_new_tokens, config.max_new_tokens
+  prompts = [list(rng.integers(3, config.vocab_size, rng.integers(longest_prompt // 2, longest_prompt + 1)))
+             for _ in range(config.rollout_batch_size)]
+  completions = [list(rng.integers(3, config.vocab_size, rng.integers(longest_completion // 3, longest_completion + 1)))
                  for _ in range(config.rollout_batch_size * config.num_generations)]
   return prompts, completions
 
