@@ -143,6 +143,7 @@ def test_short_packed_grpo_run_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["mode=ppo", "num_generations=4"], "mode=ppo has none"),
+    (["mode=sft"], "mode=sft has none"),
     (["per_device_batch_size=2"], "whole groups of num_generations=4"),
     (["max_new_tokens=1"], "max_new_tokens >= 2"),
 ])

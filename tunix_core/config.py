@@ -407,6 +407,8 @@ def _resolve_rl(cfg: dict[str, Any]) -> dict[str, Any]:
               "dynamic_sampling": dynamic if cfg["dynamic_sampling"] == "auto" else cfg["dynamic_sampling"],
               "epsilon_high": cfg["epsilon_high"] or (DAPO_EPSILON_HIGH if cfg["loss_algo"] == "dapo"
                                                       else cfg["epsilon"])}
+  if cfg["pack_groups"]:
+    _check_pack_groups(cfg)
   if cfg["mode"] not in RL_MODES:
     return resolved
   step_rows, group = cfg["global_batch_size"], cfg["num_generations"]
@@ -420,8 +422,6 @@ def _resolve_rl(cfg: dict[str, Any]) -> dict[str, Any]:
     raise UserError(f"rollout_batch_size={prompts} prompts x num_generations={group} = {prompts * group} completions "
                     f"is not a whole number of update batches of {step_rows} (per_device_batch_size x devices x "
                     "gradient_accumulation_steps)")
-  if cfg["pack_groups"]:
-    _check_pack_groups(cfg)
   return {**resolved, "rollout_batch_size": prompts, "updates_per_rollout": prompts * group // step_rows}
 
 
