@@ -151,19 +151,22 @@ def test_load_parameters_path_starts_from_another_run(tmp_path):
   assert not np.array_equal(jax.device_get(fresh)["embedding"], saved["embedding"])
 
 
-def test_same_run_on_one_device_and_on_two_meshes_of_eight(tmp_path):
-  """fsdp=8, data=2 x fsdp=2 x tensor=2 and a single device train the same 8-row batches to the same losses."""
+def test_same_run_on_one_device_and_on_three_meshes_of_eight(tmp_path):
+  """fsdp=8, data=2 x fsdp=2 x tensor=2, fsdp=2 x sequence=4 (projections on [B, S, E], not flattened rows) and
+  a single device train the same 8-row batches to the same losses."""
   args = [f"base_output_directory={tmp_path}", "steps=3", "max_target_length=64", "log_period=1",
           "eval_dataset_path=", "enable_checkpointing=false", "sample_max_new_tokens=0", "enable_tensorboard=false"]
   train.run(["configs/base.yml", *args, "run_name=fsdp8", "per_device_batch_size=1"])
   train.run(["configs/base.yml", *args, "run_name=dft", "per_device_batch_size=1", "ici_data_parallelism=2",
              "ici_fsdp_parallelism=2", "ici_tensor_parallelism=2"])
+  train.run(["configs/base.yml", *args, "run_name=seq", "per_device_batch_size=1", "ici_fsdp_parallelism=2",
+             "ici_sequence_parallelism=4"])
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   single = _cli(*args, "run_name=single", "per_device_batch_size=8", env=env)
   _, err = single.communicate(timeout=300)
   assert single.returncode == 0, err
-  runs = {name: read_metrics(tmp_path / name) for name in ("fsdp8", "dft", "single")}
+  runs = {name: read_metrics(tmp_path / name) for name in ("fsdp8", "dft", "seq", "single")}
   for step in (1, 2, 3):
     reference = runs["single"][step]["loss"]
-    for name in ("fsdp8", "dft"):
+    for name in ("fsdp8", "dft", "seq"):
       np.testing.assert_allclose(runs[name][step]["loss"], reference, rtol=2e-5, err_msg=f"{name} step {step}")
