@@ -123,6 +123,19 @@ def test_dapo_prepare_drops_equal_groups_and_refills_the_batch():
   assert "reward/overlong/mean" in metrics  # dapo's overlong shaping joins the reward functions
 
 
+def test_dynamic_sampling_prompts_sizes_the_rounds_and_drops_the_surplus():
+  config = config_lib.load(["configs/base.yml", *QUICK, "rollout_batch_size=2", "num_generations=4",
+                            "dynamic_sampling=on", "dynamic_sampling_prompts=4"], initialize_distributed=False)
+  # one round of 4 prompts: an all-right group (dropped), then three mixed ones, of which the batch takes two
+  answers = [[[1, 1, 1, 1], [1, 0, 0, 1], [0, 1, 0, 0], [1, 1, 0, 1]]]
+  context = _FakeContext(config, answers)
+  rows, metrics = grpo.prepare(context, None, 1)
+  assert context.drawn == 4 and metrics["rollout/sampling_rounds"] == 1
+  assert metrics["rollout/groups_dropped"] == 1 and metrics["rollout/groups_surplus"] == 1
+  rewards = np.asarray(rows["advantages"]).reshape(2, 4) > 0  # the first two mixed groups, in order
+  np.testing.assert_array_equal(rewards, [[True, False, False, True], [False, True, False, False]])
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["num_generations=1"], "at least 2 completions"),
     (["loss_algo=dapo", "beta=0.1", "overlong_buffer_tokens=4"], "uses no KL"),
@@ -131,6 +144,7 @@ def test_dapo_prepare_drops_equal_groups_and_refills_the_batch():
     (["temperature=0"], "set temperature > 0"),
     (["reward_weights=[1, 2]"], "one per reward function"),
     (["reward_error_default=abc"], "a number or null"),
+    (["dynamic_sampling_prompts=8"], "dynamic sampling is off"),
 ])
 def test_config_errors(overrides, message):
   with pytest.raises(UserError, match=message):

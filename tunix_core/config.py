@@ -62,7 +62,7 @@ NON_NEGATIVE = ("eval_interval", "loss_chunk_size", "sample_max_new_tokens", "le
                 "adam_weight_decay", "gradient_clipping_threshold", "init_weights_std", "seed", "rope_factor",
                 "local_rope_max_timescale", "sliding_window_size", "attn_logits_soft_cap", "final_logits_soft_cap",
                 "query_pre_attn_scalar", "lora_alpha", "orpo_lambda", "simpo_beta", "simpo_gamma",
-                "temperature", "top_k", "rm_margin", "rm_center_rewards_coefficient", "rollout_batch_size", "beta",
+                "temperature", "top_k", "rm_margin", "rm_center_rewards_coefficient", "rollout_batch_size", "dynamic_sampling_prompts", "beta",
                 "decode_halvings", "epsilon", "epsilon_high", "dual_clip_c", "reward_timeout_s",
                 "overlong_buffer_tokens", "distill_top_k",
                 "cliprange_value", "vf_coef", "entropy_coef")
@@ -407,6 +407,9 @@ def _resolve_rl(cfg: dict[str, Any]) -> dict[str, Any]:
               "dynamic_sampling": dynamic if cfg["dynamic_sampling"] == "auto" else cfg["dynamic_sampling"],
               "epsilon_high": cfg["epsilon_high"] or (DAPO_EPSILON_HIGH if cfg["loss_algo"] == "dapo"
                                                       else cfg["epsilon"])}
+  if cfg["dynamic_sampling_prompts"] and resolved["dynamic_sampling"] != "on":
+    raise UserError(f"dynamic_sampling_prompts={cfg['dynamic_sampling_prompts']} sizes dynamic sampling's rounds, but "
+                    "dynamic sampling is off: set dynamic_sampling=on or dynamic_sampling_prompts=0")
   if cfg["pack_groups"]:
     _check_pack_groups(cfg)
   if cfg["mode"] not in RL_MODES:

@@ -92,8 +92,11 @@ def prepare(context: RolloutContext, state, step: int) -> tuple[dict[str, np.nda
   size, prompts_needed = config.num_generations, config.rollout_batch_size
   drawn: list[_Group] = []
 
+  dynamic = config.dynamic_sampling == "on"
+  round_prompts = (config.dynamic_sampling_prompts if dynamic else 0) or prompts_needed
+
   def draw(round_index: int) -> list[_Group]:
-    prompts = context.next_prompts(prompts_needed)
+    prompts = context.next_prompts(round_prompts)
     completions = context.sample(state, prompts, size, seed=(config.seed * 1_000_003 + step) * 64 + round_index)
     scores = context.score([p for p in prompts for _ in range(size)], completions)
     groups = [_Group(p, completions[i * size:(i + 1) * size], scores.slice(i * size, (i + 1) * size))
@@ -101,7 +104,7 @@ def prepare(context: RolloutContext, state, step: int) -> tuple[dict[str, np.nda
     drawn.extend(groups)
     return groups
 
-  if config.dynamic_sampling == "on":
+  if dynamic:
     groups, metrics = dynamic_sampling.fill_groups(draw, prompts_needed, config.max_sampling_rounds,
                                                    lambda g: np.ptp(g.scores.total) > 0)
   else:

@@ -9,8 +9,8 @@ Group = TypeVar("Group")
 
 def fill_groups(draw: Callable[[int], Sequence[Group]], needed: int, max_rounds: int,
                 informative: Callable[[Group], bool]) -> tuple[list[Group], dict[str, float]]:
-  """Calls draw(round) (each call: a fresh rollout of `needed` groups) until `needed` informative groups are kept
-  or max_rounds calls are made; returns the first `needed` kept groups, topped up with dropped ones when the
+  """Calls draw(round) (each call: a fresh rollout of any number of groups) until `needed` informative groups are
+  kept or max_rounds calls are made; returns the first `needed` kept groups, topped up with dropped ones when the
   rounds ran out (they carry zero advantage), and counts for the metrics."""
   kept, dropped, rounds = [], [], 0
   while rounds < max_rounds and len(kept) < needed:
@@ -21,4 +21,4 @@ def fill_groups(draw: Callable[[int], Sequence[Group]], needed: int, max_rounds:
   topped_up = needed - len(batch)
   batch += dropped[:topped_up]
   return batch, {"rollout/sampling_rounds": float(rounds), "rollout/groups_dropped": float(len(dropped)),
-                 "rollout/groups_topped_up": float(topped_up)}
+                 "rollout/groups_topped_up": float(topped_up), "rollout/groups_surplus": float(max(len(kept) - needed, 0))}
