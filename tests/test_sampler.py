@@ -358,6 +358,30 @@ def test_sharded_generation_matches_one_device():
   assert [g[0].token_ids for g in got] == [e[0].token_ids for e in expected]
 
 
+def test_threads_give_the_same_completions_under_the_callers_mesh():
+  """threads=3 decodes a call's 3 batches at once: the same completions as one at a time, sampled and beam search,
+  and no compile more (each thread runs under the caller's mesh and rules, so the jit cache hits)."""
+  mesh = jax.make_mesh((2, 2, 2, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  rules = (("activation_batch", ("data", "fsdp")), ("activation_kv_heads", "tensor"), ("activation_heads", "tensor"),
+           ("activation_length", None), ("activation_embed", None), ("activation_mlp", "tensor"))
+  sampled = dataclasses.replace(SAMPLED, num_samples=4)
+  searched = SamplingParams(max_new_tokens=NEW, beam_width=2, num_samples=2)
+  compiles = []
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    cases = ((PROMPTS, sampled), (PROMPTS * 3, searched))  # 12 rows, 9 beams: 3 batches of 4 each
+    one = [make_sampler(LLAMA).generate(prompts, s, seed=5) for prompts, s in cases]
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kwargs: compiles.append(event) if event.endswith("backend_compile_duration") else None)
+    try:
+      three = [make_sampler(LLAMA, threads=3).generate(prompts, s, seed=5) for prompts, s in cases]
+    finally:
+      jax.monitoring.clear_event_listeners()
+  assert not compiles
+  for expected, got in zip(one, three):
+    assert [[c.token_ids for c in g] for g in got] == [[c.token_ids for c in g] for g in expected]
+    assert [[c.logprobs for c in g] for g in got] == [[c.logprobs for c in g] for g in expected]
+
+
 def test_buckets():
   assert engine.bucket(5, (8, 16)) == 8 and engine.bucket(16, (8, 16)) == 16 and engine.bucket(17, (8, 16)) == 32
   assert engine.cache_length(8, 10) == 32

@@ -57,7 +57,7 @@ POSITIVE = ("lora_rank", "qlora_tile_size", "dpo_beta", "steps", "vocab_size", "
             "base_mlp_dim", "base_num_decoder_layers", "gradient_accumulation_steps", "checkpoint_period",
             "max_num_checkpoints_to_keep", "log_period", "per_device_batch_size", "normalization_layer_epsilon",
             "rope_max_timescale", "stack_trace_interval_seconds", "max_new_tokens", "num_samples", "beam_width",
-            "generate_batch_size", "num_generations", "num_iterations", "max_sampling_rounds")
+            "generate_batch_size", "generate_threads", "num_generations", "num_iterations", "max_sampling_rounds")
 NON_NEGATIVE = ("eval_interval", "loss_chunk_size", "sample_max_new_tokens", "learning_rate", "adam_eps",
                 "adam_weight_decay", "gradient_clipping_threshold", "init_weights_std", "seed", "rope_factor",
                 "local_rope_max_timescale", "sliding_window_size", "attn_logits_soft_cap", "final_logits_soft_cap",

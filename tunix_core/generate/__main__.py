@@ -75,7 +75,7 @@ def generate(argv: Sequence[str]) -> None:
     weights = setup.starting_params(config)
     generator = sampler.Sampler(setup.graphdef, weights, tokenizer, batch_size=config.generate_batch_size,
                                 prefill_buckets=config.prefill_length_buckets,
-                                decode_halvings=config.decode_halvings)
+                                decode_halvings=config.decode_halvings, threads=config.generate_threads)
     log(f"generating for {len(prompts)} prompt(s), {config.num_samples} completion(s) each")
     results = generator.generate(prompt_ids, sampling, seed=config.seed)
   if config.process_index != 0:

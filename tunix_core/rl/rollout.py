@@ -138,7 +138,8 @@ class RolloutContext:
     graphdef, weights = policy_weights(self.setup, state)
     generator = sampler_lib.Sampler(graphdef, weights, self.tokenizer, batch_size=self.config.generate_batch_size,
                                     prefill_buckets=self.config.prefill_length_buckets,
-                                    decode_halvings=self.config.decode_halvings)
+                                    decode_halvings=self.config.decode_halvings,
+                                    threads=self.config.generate_threads)
     sampling = dataclasses.replace(sampling_params(self.config, self.tokenizer, greedy=greedy),
                                    num_samples=num_samples)
     groups = self._timed("sample", generator.generate, [p.ids for p in prompts], sampling, seed % 2**32)
