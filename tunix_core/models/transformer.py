@@ -174,8 +174,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 def token_rows(x: jax.Array) -> tuple[jax.Array, str, tuple[str, ...]]:
   """x [B, S, E] as a projection's input, with the einsum letters and logical axes of its leading dimensions:
   flattened to [B*S, E] ("t") unless the mesh splits the sequence, whose shards a merge with the batch would
-  move. On CPU, XLA computes the weight gradients of [B, S, E] projections through transposing copies; flat, the
-  GRPO update on the bundled task took 0.36 s instead of 0.48 s (benchmarks/RESULTS.md)."""
+  move. On CPU, XLA computed the weight gradients of [B, S, E] projections through transposing copies; flat, the
+  packed GRPO update on the bundled task takes ~0.4 s instead of ~0.6 s (benchmarks/RESULTS.md)."""
   if is_split("activation_length"):
     return x, "bs", ("activation_batch", "activation_length")
   return x.reshape(-1, x.shape[-1]), "t", ("activation_batch",)
