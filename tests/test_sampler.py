@@ -371,7 +371,7 @@ def test_threads_give_the_same_completions_under_the_callers_mesh():
     cases = ((PROMPTS, sampled), (PROMPTS * 3, searched))  # 12 rows, 9 beams: 3 batches of 4 each
     one = [make_sampler(LLAMA).generate(prompts, s, seed=5) for prompts, s in cases]
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **kwargs: compiles.append(event) if event.endswith("backend_compile_duration") else None)
+        lambda event, duration, **kwargs: event.endswith("backend_compile_duration") and compiles.append(event))
     try:
       three = [make_sampler(LLAMA, threads=3).generate(prompts, s, seed=5) for prompts, s in cases]
     finally:

@@ -62,10 +62,10 @@ NON_NEGATIVE = ("eval_interval", "loss_chunk_size", "sample_max_new_tokens", "le
                 "adam_weight_decay", "gradient_clipping_threshold", "init_weights_std", "seed", "rope_factor",
                 "local_rope_max_timescale", "sliding_window_size", "attn_logits_soft_cap", "final_logits_soft_cap",
                 "query_pre_attn_scalar", "lora_alpha", "orpo_lambda", "simpo_beta", "simpo_gamma",
-                "temperature", "top_k", "rm_margin", "rm_center_rewards_coefficient", "rollout_batch_size", "dynamic_sampling_prompts", "beta",
-                "decode_halvings", "epsilon", "epsilon_high", "dual_clip_c", "reward_timeout_s",
-                "overlong_buffer_tokens", "distill_top_k",
-                "cliprange_value", "vf_coef", "entropy_coef")
+                "temperature", "top_k", "rm_margin", "rm_center_rewards_coefficient", "rollout_batch_size",
+                "dynamic_sampling_prompts", "beta", "decode_halvings", "epsilon", "epsilon_high", "dual_clip_c",
+                "reward_timeout_s", "overlong_buffer_tokens", "distill_top_k", "cliprange_value", "vf_coef",
+                "entropy_coef")
 LAYER_TYPES = ("sliding_attention", "full_attention")
 FRACTIONS = ("distill_alpha", "top_p", "min_p", "dpo_label_smoothing", "warmup_steps_fraction",
              "cosine_learning_rate_final_fraction", "adam_b1", "adam_b2", "gamma", "lam")

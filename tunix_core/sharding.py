@@ -107,14 +107,14 @@ def shard_activation(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Ar
   return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes))
 
 
-def is_split(logical_axis: str) -> bool:
-  """Whether the active mesh splits activations along logical_axis (False with no mesh)."""
+def shard_count(logical_axis: str) -> int:
+  """How many ways the active mesh and rules split activations along logical_axis (1 without a mesh)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return False
+    return 1
   axes = logical_to_spec((logical_axis,))[0]
   axes = (axes,) if isinstance(axes, str) else (axes or ())
-  return math.prod(mesh.shape[axis] for axis in axes) > 1
+  return math.prod(mesh.shape[axis] for axis in axes)
 
 
 def batch_sharding(mesh: Mesh, rules, leading_axes: int = 0) -> NamedSharding:

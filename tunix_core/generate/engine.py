@@ -6,14 +6,13 @@ they came with), so a row's valid entries are exactly [0, length): the layout th
 """
 
 from collections.abc import Sequence
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from tunix_core.models.transformer import KVCache, Transformer
-from tunix_core.sharding import logical_to_spec
+from tunix_core.sharding import shard_count
 
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -37,12 +36,7 @@ def cache_length(prompt_bucket: int, max_new_tokens: int) -> int:
 def batch_shards() -> int:
   """How many ways the active mesh and rules split the batch (1 without a mesh): batches are padded to a multiple,
   since the decode kernel runs per shard and needs whole rows on each."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return 1
-  axes = logical_to_spec(("activation_batch",))[0]
-  axes = (axes,) if isinstance(axes, str) else (axes or ())
-  return math.prod(mesh.shape[a] for a in axes)
+  return shard_count("activation_batch")
 
 
 def compact(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:

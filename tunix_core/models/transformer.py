@@ -17,7 +17,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from tunix_core.models import attention as attention_lib, cached_attention
-from tunix_core.sharding import is_split, shard_activation
+from tunix_core.sharding import shard_activation, shard_count
 
 REMAT_POLICIES = ("none", "full", "minimal", "save_qkv_proj", "save_out_proj", "save_dot_except_mlp")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -176,7 +176,7 @@ def token_rows(x: jax.Array) -> tuple[jax.Array, str, tuple[str, ...]]:
   flattened to [B*S, E] ("t") unless the mesh splits the sequence, whose shards a merge with the batch would
   move. On CPU, XLA computed the weight gradients of [B, S, E] projections through transposing copies; flat, the
   packed GRPO update on the bundled task takes ~0.4 s instead of ~0.6 s (benchmarks/RESULTS.md)."""
-  if is_split("activation_length"):
+  if shard_count("activation_length") > 1:
     return x, "bs", ("activation_batch", "activation_length")
   return x.reshape(-1, x.shape[-1]), "t", ("activation_batch",)
 

@@ -21,4 +21,5 @@ def fill_groups(draw: Callable[[int], Sequence[Group]], needed: int, max_rounds:
   topped_up = needed - len(batch)
   batch += dropped[:topped_up]
   return batch, {"rollout/sampling_rounds": float(rounds), "rollout/groups_dropped": float(len(dropped)),
-                 "rollout/groups_topped_up": float(topped_up), "rollout/groups_surplus": float(max(len(kept) - needed, 0))}
+                 "rollout/groups_topped_up": float(topped_up),
+                 "rollout/groups_surplus": float(max(len(kept) - needed, 0))}
