@@ -38,6 +38,7 @@ GOOD = json.dumps({"prompt": "1 + 1 = ", "completion": "2"})
     (["tokenizer_path=no/such.model"], "tokenizer_path=no/such.model"),
     (["per_device_batch_size=0.5"], "does not divide over 8 batch shards"),
     (["load_parameters_path=/no/such/run"], "load_parameters_path=/no/such/run: no checkpoint found"),
+    (["ema_decay=1"], "ema_decay=1.0: must be at least 0 (0 = off) and below 1"),
     (["vocab_size=100"], "set vocab_size >= 512"),
 ])
 def test_config_and_path_errors(capsys, tmp_path, args, expected):

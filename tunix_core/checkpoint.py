@@ -1,6 +1,7 @@
 """Orbax checkpoints: params, optimizer state, step and the data iterator's position, saved async.
 
-Layout: <run_dir>/checkpoints/<step>/{params, optimizer, data, meta}. Orbax writes each step into a
+Layout: <run_dir>/checkpoints/<step>/{params, optimizer, data, meta}, and ema (the weights' moving average) when
+the run keeps one: a run's model is its ema where it has one, else its params. Orbax writes each step into a
 temporary directory and renames it when complete, so a run killed mid-save leaves the previous
 checkpoints intact and the half-written one is ignored.
 """
@@ -11,11 +12,12 @@ from typing import Any
 from etils import epath
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from tunix_core.errors import UserError
 
-ITEMS = ("params", "optimizer", "data", "meta")
+ITEMS = ("params", "optimizer", "data", "meta", "ema")
 # Trainable entries a run may save next to the model's params that are not part of the model (mode=distill's
 # feature_projection maps): loading a model from such a checkpoint leaves them out.
 TRAINING_ONLY_KEYS = ("distill_projection",)
@@ -29,29 +31,37 @@ class Checkpointer:
         max_to_keep=config.max_num_checkpoints_to_keep,
         enable_async_checkpointing=config.async_checkpointing,
         create=True)
-    self._manager = ocp.CheckpointManager(os.path.abspath(config.checkpoint_dir), options=options,
-                                          item_names=ITEMS)
+    self._directory = os.path.abspath(config.checkpoint_dir)
+    self._manager = ocp.CheckpointManager(self._directory, options=options, item_names=ITEMS)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state: dict[str, Any], data_iterator: grain.DatasetIterator, meta: dict) -> None:
     """Starts saving (returns before the write finishes when async); waits for any earlier save first."""
-    self._manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state["params"]),
-        optimizer=ocp.args.StandardSave({"opt_state": state["opt_state"], "step": state["step"]}),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        meta=ocp.args.JsonSave(meta)))
+    items = {"params": ocp.args.StandardSave(state["params"]),
+             "optimizer": ocp.args.StandardSave({"opt_state": state["opt_state"], "step": state["step"]}),
+             "data": grain.checkpoint.CheckpointSave(data_iterator), "meta": ocp.args.JsonSave(meta)}
+    if "ema" in state:
+      items["ema"] = ocp.args.StandardSave(state["ema"])
+    self._manager.save(step, args=ocp.args.Composite(**items))
 
   def restore(self, step: int, abstract_state: dict[str, Any], data_iterator: grain.DatasetIterator
               ) -> dict[str, Any]:
-    """Restores the state into `abstract_state`'s shapes and shardings and moves the iterator in place."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_state["params"]),
-        optimizer=ocp.args.StandardRestore(
-            {"opt_state": abstract_state["opt_state"], "step": abstract_state["step"]}),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    return {"params": restored.params, **restored.optimizer}
+    """Restores the state into `abstract_state`'s shapes and shardings and moves the iterator in place. A moving
+    average that the step did not save (ema_decay turned on at resume) starts from the restored params."""
+    items = {"params": ocp.args.StandardRestore(abstract_state["params"]),
+             "optimizer": ocp.args.StandardRestore(
+                 {"opt_state": abstract_state["opt_state"], "step": abstract_state["step"]}),
+             "data": grain.checkpoint.CheckpointRestore(data_iterator)}
+    saved_ema = os.path.isdir(os.path.join(self._directory, str(step), "ema"))
+    if "ema" in abstract_state and saved_ema:
+      items["ema"] = ocp.args.StandardRestore(abstract_state["ema"])
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    state = {"params": restored.params, **restored.optimizer}
+    if "ema" in abstract_state:
+      state["ema"] = restored.ema if saved_ema else jax.tree.map(jnp.copy, restored.params)
+    return state
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -63,19 +73,20 @@ class Checkpointer:
 
 def resolve_parameters_path(path: str, key: str = "load_parameters_path") -> str:
   """A run directory (its latest step), its checkpoints/ directory, one step's directory or that step's
-  params/ -> the params item."""
+  params/ or ema/ -> the model's item: the step's ema (moving average) where it has one, else its params."""
   path = os.path.abspath(path)
-  if os.path.basename(path) == "params" and os.path.isdir(path):
+  if os.path.basename(path) in ("params", "ema") and os.path.isdir(path) and not os.path.isdir(
+      os.path.join(path, "checkpoints")):  # an item, not a run directory of that name
     return path
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
-  if os.path.isdir(os.path.join(path, "params")):
-    return os.path.join(path, "params")
-  steps = [int(name) for name in os.listdir(path) if name.isdigit()] if os.path.isdir(path) else []
-  if not steps:
-    raise UserError(f"{key}={path}: no checkpoint found; expected a run directory, its "
-                    f"checkpoints/ directory or a step directory holding params/")
-  return os.path.join(path, str(max(steps)), "params")
+  if not os.path.isdir(os.path.join(path, "params")):
+    steps = [int(name) for name in os.listdir(path) if name.isdigit()] if os.path.isdir(path) else []
+    if not steps:
+      raise UserError(f"{key}={path}: no checkpoint found; expected a run directory, its "
+                      f"checkpoints/ directory or a step directory holding params/")
+    path = os.path.join(path, str(max(steps)))
+  return os.path.join(path, "ema" if os.path.isdir(os.path.join(path, "ema")) else "params")
 
 
 def load_parameters(path: str, abstract_params: Any, key: str = "load_parameters_path") -> Any:

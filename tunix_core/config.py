@@ -223,6 +223,8 @@ def validate(cfg: dict[str, Any]) -> None:
   for key in ("attn_logits_soft_cap", "final_logits_soft_cap", "query_pre_attn_scalar", "sliding_window_size"):
     if cfg[key] and not gemma_2_3:
       raise UserError(f"{key}={cfg[key]} is a Gemma 2/3 feature; set decoder_block=gemma2 or gemma3, or {key}=0")
+  if not 0.0 <= cfg["ema_decay"] < 1.0:
+    raise UserError(f"ema_decay={cfg['ema_decay']}: must be at least 0 (0 = off) and below 1")
   if cfg["dpo_label_smoothing"] >= 0.5:
     raise UserError(f"dpo_label_smoothing={cfg['dpo_label_smoothing']}: must be below 0.5 (a flipped label)")
   if cfg["precompute_reference"] and (cfg["mode"] != "dpo" or cfg["peft"] != "none"):

@@ -44,13 +44,21 @@ REFERENCE_KEY = "reference_logps"  # [rows] per-row reference log-probs, with pr
 
 
 def state_shardings(abstract_params, param_shardings, frozen_shardings: dict, tx: optax.GradientTransformation,
-                    mesh: Mesh) -> TrainState:
-  """Shardings of the whole train state: optimizer moments follow their params, the rest is replicated."""
+                    mesh: Mesh, ema: bool = False) -> TrainState:
+  """Shardings of the whole train state: optimizer moments and the moving average (ema) follow their params, the
+  rest is replicated."""
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
                                         transform_non_params=lambda _: replicated)
-  return {"params": param_shardings, "opt_state": opt_shardings, "step": replicated, "frozen": frozen_shardings}
+  shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated, "frozen": frozen_shardings}
+  return {**shardings, "ema": param_shardings} if ema else shardings
+
+
+def averaged(state: TrainState) -> TrainState:
+  """The state with its params replaced by their moving average where the run keeps one (ema_decay > 0): the
+  weights that evals, the export and the end-of-run sample use."""
+  return {**state, "params": state["ema"]} if "ema" in state else state
 
 
 def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigDict,
@@ -90,6 +98,10 @@ def make_train_step(graphdef: nnx.GraphDef, config: ml_collections.FrozenConfigD
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1,
                  "frozen": frozen}
+    if "ema" in state:
+      decay = config.ema_decay
+      new_state["ema"] = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), state["ema"],
+                                      new_state["params"])
     step_metrics = {"loss": loss_sum / denominator, "grad_norm": optax.tree.norm(grads),
                     "learning_rate": schedule(state["step"]), mode.WEIGHT_NAME: weight,
                     **{k: v / denominator for k, v in extra.items()}}
@@ -221,7 +233,8 @@ class Setup(NamedTuple):
       yield
 
   def new_state(self, params, frozen: dict) -> TrainState:
-    return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32), "frozen": frozen}
+    state = {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32), "frozen": frozen}
+    return {**state, "ema": jax.tree.map(jnp.copy, params)} if "ema" in self.shardings else state
 
   def starting_params(self, config) -> dict:
     """The plain weights training starts from: load_parameters_path, else hf_path, else a seeded init. A value model
@@ -329,7 +342,7 @@ def build(config: ml_collections.FrozenConfigDict) -> Setup:
   if projection is not None:
     trainable = {**trainable, distill.PROJECTION_KEY: projection_abstract}
     trainable_shardings = {**trainable_shardings, distill.PROJECTION_KEY: projection_shardings}
-  shardings = state_shardings(trainable, trainable_shardings, frozen_shardings, tx, mesh)
+  shardings = state_shardings(trainable, trainable_shardings, frozen_shardings, tx, mesh, ema=config.ema_decay > 0)
   teacher_graphdef = teacher.graphdef if teacher is not None else None
   train_batch_sharding = sharding.batch_sharding(mesh, rules, leading_axes=1)
   eval_batch_sharding = sharding.batch_sharding(mesh, rules)
@@ -440,9 +453,12 @@ def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_bat
     last_time, last_logged = time.perf_counter(), start_step
 
     def rl_evaluate(step: int) -> None:
-      summary.update(rl.evaluate(state))
-      if "eval/accuracy" in summary:
-        writer.write(step, {k: summary[k] for k in ("eval/accuracy", "eval/completion_length")})
+      results = rl.evaluate(averaged(state))
+      if results and "ema" in state:  # the weights being trained, beside their average
+        results["eval/policy_accuracy"] = rl.evaluate(state)["eval/accuracy"]
+      summary.update(results)
+      if results:
+        writer.write(step, results)
 
     if rl is not None and start_step == 0:
       rl_evaluate(0)
@@ -490,7 +506,7 @@ def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_bat
         if rl is not None:
           rl_evaluate(step)
         else:
-          eval_metrics = evaluate(setup.eval_step, state, eval_batches)
+          eval_metrics = evaluate(setup.eval_step, averaged(state), eval_batches)
           summary["eval_loss"] = eval_metrics["eval/loss"]
           writer.write(step, eval_metrics)
       if checkpointer and (step % config.checkpoint_period == 0 or step == config.steps):
@@ -501,10 +517,10 @@ def _loop(config, setup: Setup, state: TrainState, train_iterator, eval_host_bat
 
   summary["steps"] = int(jax.device_get(state["step"]))
   if config.export_hf_path:
-    export.write(config, setup.model_config, setup.plain_params(state), config.export_hf_path)
+    export.write(config, setup.model_config, setup.plain_params(averaged(state)), config.export_hf_path)
     summary["export_hf_path"] = config.export_hf_path
   # A value model has no use for its output head: nothing to sample.
-  summary["sample"] = _sample(config, setup.graphdef, setup.plain_params(state), tokenizer) \
+  summary["sample"] = _sample(config, setup.graphdef, setup.plain_params(averaged(state)), tokenizer) \
       if config.sample_max_new_tokens and not setup.value_model else None
   return summary
 
