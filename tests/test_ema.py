@@ -77,3 +77,15 @@ def test_rl_evals_the_average_and_the_policy(tmp_path):
   assert sorted(evals) == [0, 2]
   assert all("eval/policy_accuracy" in r for r in evals.values())
   assert evals[0]["eval/accuracy"] == evals[0]["eval/policy_accuracy"]  # before any update both are the start
+
+
+def test_ema_turned_on_at_resume_starts_from_the_restored_weights(tmp_path):
+  args = ["configs/base.yml", *QUICK, f"base_output_directory={tmp_path}", "run_name=late", "eval_dataset_path=",
+          "checkpoint_period=1", "max_num_checkpoints_to_keep=5"]
+  train.run([*args, "steps=2"])
+  train.run([*args, "steps=3", f"ema_decay={DECAY}"])
+  run_dir = tmp_path / "late"
+  assert not (run_dir / "checkpoints" / "2" / "ema").exists()
+  expected = _recursion(_saved(run_dir, 2, "params"), [_saved(run_dir, 3, "params")])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), _saved(run_dir, 3, "ema"),
+               expected)
