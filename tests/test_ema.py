@@ -2,13 +2,15 @@
 step saved; it is what evals and later runs use, and it survives a resume."""
 
 import json
+import types
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tunix_core import config as config_lib, train
+from tunix_core import checkpoint, config as config_lib, train
 from tunix_core.data import pipeline, tokenizer as tokenizer_lib
 
 QUICK = ["per_device_batch_size=1", "max_target_length=64", "log_period=1", "sample_max_new_tokens=0",
@@ -67,25 +69,22 @@ def test_ema_follows_the_weights_evals_use_it_and_a_resume_keeps_it(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, loaded, ema)
 
 
-def test_rl_evals_the_average_and_the_policy(tmp_path):
-  train.run(["configs/base.yml", *QUICK, f"base_output_directory={tmp_path}", "run_name=grpo", "mode=grpo",
-             "steps=2", "rollout_batch_size=4", "num_generations=4", "max_new_tokens=8", "generate_batch_size=16",
-             "eval_interval=2", "eval_num_prompts=8", "enable_checkpointing=false", "ema_decay=0.5",
-             "learning_rate=1e-2"])
-  evals = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
-  evals = {r["step"]: r for r in evals if "eval/accuracy" in r}
-  assert sorted(evals) == [0, 2]
-  assert all("eval/policy_accuracy" in r for r in evals.values())
-  assert evals[0]["eval/accuracy"] == evals[0]["eval/policy_accuracy"]  # before any update both are the start
-
-
-def test_ema_turned_on_at_resume_starts_from_the_restored_weights(tmp_path):
-  args = ["configs/base.yml", *QUICK, f"base_output_directory={tmp_path}", "run_name=late", "eval_dataset_path=",
-          "checkpoint_period=1", "max_num_checkpoints_to_keep=5"]
-  train.run([*args, "steps=2"])
-  train.run([*args, "steps=3", f"ema_decay={DECAY}"])
-  run_dir = tmp_path / "late"
-  assert not (run_dir / "checkpoints" / "2" / "ema").exists()
-  expected = _recursion(_saved(run_dir, 2, "params"), [_saved(run_dir, 3, "params")])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), _saved(run_dir, 3, "ema"),
-               expected)
+def test_a_resume_that_turns_ema_on_starts_it_from_the_restored_weights(tmp_path):
+  """The checkpoint of a run without the average has no ema item; restoring into a state that keeps one copies
+  the restored params (and a run that keeps one saves and restores its own)."""
+  config = types.SimpleNamespace(checkpoint_dir=str(tmp_path), max_num_checkpoints_to_keep=3,
+                                 async_checkpointing=False)
+  params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  state = {"params": params, "opt_state": {"m": np.ones(3, np.float32)}, "step": np.int32(2)}
+  iterator = lambda: iter(grain.MapDataset.range(8).to_iter_dataset())
+  checkpointer = checkpoint.Checkpointer(config)
+  checkpointer.save(2, state, iterator(), {"step": 2})
+  checkpointer.save(3, {**state, "ema": {"w": params["w"] + 0.5}}, iterator(), {"step": 3})
+  checkpointer.wait()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {**state, "ema": params})
+  without, with_ema = checkpointer.restore(2, abstract, iterator()), checkpointer.restore(3, abstract, iterator())
+  checkpointer.close()
+  np.testing.assert_array_equal(without["ema"]["w"], params["w"])
+  np.testing.assert_array_equal(with_ema["ema"]["w"], params["w"] + 0.5)
+  assert checkpoint.resolve_parameters_path(str(tmp_path / "2")).endswith("2/params")
+  assert checkpoint.resolve_parameters_path(str(tmp_path)).endswith("3/ema")

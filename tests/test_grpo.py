@@ -23,14 +23,19 @@ QUICK = ["mode=grpo", "per_device_batch_size=1", "num_generations=4", "max_new_t
 
 def test_short_grpo_run_end_to_end(tmp_path):
   """16 completions per rollout (4 prompts x 4), 2 updates of 8 each, 2 passes: the first update is on-policy
-  (ratio exactly 1, nothing clipped), the rest are not; the KL term has its reference copy."""
+  (ratio exactly 1, nothing clipped), the rest are not; the KL term has its reference copy; evals of the weights'
+  moving average and of the weights."""
   train.run(["configs/base.yml", *QUICK, f"base_output_directory={tmp_path}", "run_name=grpo", "steps=4",
              "rollout_batch_size=4", "num_iterations=2", "beta=0.04", "temperature=0.7", "learning_rate=1e-2",
              "eval_interval=2", "checkpoint_period=4", "reward_functions=[math_answer, format, length]",
-             "reward_weights=[1.0, 0.5, 0.1]"])
+             "reward_weights=[1.0, 0.5, 0.1]", "ema_decay=0.5"])
   records = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
   steps = {r["step"]: r for r in records if "loss" in r}
-  assert [r["step"] for r in records if "eval/accuracy" in r] == [0, 2, 4]
+  evals = {r["step"]: r for r in records if "eval/accuracy" in r}
+  assert sorted(evals) == [0, 2, 4]
+  # eval/accuracy is the moving average's (ema_decay), eval/policy_accuracy the trained weights': one at the start.
+  assert all("eval/policy_accuracy" in r for r in evals.values())
+  assert evals[0]["eval/accuracy"] == evals[0]["eval/policy_accuracy"]
   assert sorted(steps) == [1, 2, 3, 4]
   first = steps[1]
   assert first["ratio/mean"] == 1.0 and first["ratio/std"] == 0.0
